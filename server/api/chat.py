@@ -1,0 +1,244 @@
+"""/v1/chat/completions: OpenAI request -> engine requests -> a ChatCompletion or SSE chunks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.completion_usage import CompletionUsage
+from sse_starlette.sse import EventSourceResponse
+
+from server.api.deps import chat_engine, until_disconnected
+from server.api.errors import APIError
+from server.api.protocol import ChatCompletionRequest, ChatMessage
+from server.engine.base import ChatRequest, EngineError, Finished, SamplingParams, TextDelta, ToolCallDelta
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+    engine = chat_engine(request)
+    adapter = engine.resolve(body.model)
+    if adapter is None:
+        raise APIError(404, f"The model '{body.model}' does not exist. GET /v1/models lists the served models.",
+                       param="model", code="model_not_found")
+    choices = to_engine_requests(body, adapter, request.state.request_id)
+    prepared = [engine.prepare(c) for c in choices]  # prompt errors surface as 400 before streaming
+    meta = _Meta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model or engine.models()[0].id,
+                 legacy=bool(body.functions) and not body.tools)
+    streams = []
+    try:
+        for p in prepared:
+            streams.append(engine.chat(p))  # queues now: overload is a 429 before anything streams
+    except EngineError:
+        for s in streams:
+            await s.aclose()
+        raise
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return EventSourceResponse(_sse(meta, streams, prepared[0].prompt_tokens, include_usage),
+                                   ping=15, send_timeout=60)
+    try:
+        results = await until_disconnected(request, asyncio.gather(*(_collect(s) for s in streams)))
+    finally:
+        for s in streams:
+            await s.aclose()
+    return _completion(meta, results, prepared[0].prompt_tokens)
+
+
+class _Meta:
+    def __init__(self, id: str, created: int, model: str, legacy: bool):
+        self.id, self.created, self.model, self.legacy = id, created, model, legacy
+
+
+def to_engine_requests(body: ChatCompletionRequest, adapter: str, request_id: str) -> list[ChatRequest]:
+    if body.logprobs:
+        raise APIError(400, "logprobs are not supported by this server.", param="logprobs")
+    if body.response_format is not None and body.response_format.type not in ("text",):
+        raise APIError(400, f"response_format '{body.response_format.type}' is not supported; only 'text'.",
+                       param="response_format")
+    messages = [_message(m, i) for i, m in enumerate(body.messages)]
+    tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+    tool_choice: Any = body.tool_choice.model_dump() if hasattr(body.tool_choice, "model_dump") else body.tool_choice
+    legacy = False
+    if not tools and body.functions:
+        legacy = True
+        tools = [{"type": "function", "function": f.model_dump(exclude_none=True)} for f in body.functions]
+        fc = body.function_call
+        tool_choice = {"type": "function", "function": {"name": fc["name"]}} if isinstance(fc, dict) else fc
+    if isinstance(tool_choice, dict):
+        name = (tool_choice.get("function") or {}).get("name")
+        if not tools or name not in {t["function"]["name"] for t in tools}:
+            raise APIError(400, f"tool_choice names function {name!r}, which is not in `tools`.", param="tool_choice")
+    elif tool_choice == "required" and not tools:
+        raise APIError(400, "tool_choice 'required' needs at least one tool in `tools`.", param="tool_choice")
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    temperature = 1.0 if body.temperature is None else body.temperature
+    if body.do_sample is False:
+        temperature = 0.0  # zhipuai's switch for greedy decoding
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    n = body.n or 1
+    out = []
+    for i in range(n):
+        seed = None if body.seed is None else body.seed + i  # distinct but reproducible choices
+        sampling = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=body.top_k or 0,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            repetition_penalty=body.repetition_penalty or 1.0,
+            seed=seed,
+            stop=stops,
+        )
+        out.append(ChatRequest(messages, sampling, tools=tools, tool_choice=tool_choice, legacy_functions=legacy,
+                               adapter=adapter, request_id=f"{request_id}/{i}" if n > 1 else request_id))
+    return out
+
+
+def _message(m: ChatMessage, index: int) -> dict[str, Any]:
+    if isinstance(m.content, list):
+        parts = []
+        for part in m.content:
+            if part.type != "text":
+                raise APIError(400, f"messages[{index}]: content part type '{part.type}' is not supported; "
+                               "this model reads text only.", param=f"messages.{index}.content")
+            parts.append(part.text or "")
+        content: str | None = "".join(parts)
+    else:
+        content = m.content
+    role = "system" if m.role == "developer" else m.role
+    out: dict[str, Any] = {"role": role, "content": content}
+    if m.name:
+        out["name"] = m.name
+    calls = list(m.tool_calls or [])
+    if m.function_call is not None:
+        calls.append(type(calls[0])(function=m.function_call) if calls else _legacy_call(m))
+    if calls:
+        out["tool_calls"] = [
+            {"id": c.id or f"call_{index}_{k}", "type": "function",
+             "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments)}}
+            for k, c in enumerate(calls)
+        ]
+    if m.tool_call_id:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def _legacy_call(m: ChatMessage):
+    from server.api.protocol import ToolCall
+
+    return ToolCall(function=m.function_call)
+
+
+def _arguments(arguments: str | dict | None) -> str:
+    if isinstance(arguments, dict):
+        return json.dumps(arguments, ensure_ascii=False)
+    return arguments or "{}"
+
+
+async def _collect(stream: AsyncIterator) -> tuple[str, list[dict], Finished]:
+    text, calls, finished = [], {}, None
+    async for event in stream:
+        if isinstance(event, TextDelta):
+            text.append(event.text)
+        elif isinstance(event, ToolCallDelta):
+            call = calls.setdefault(event.index, {"id": event.id, "name": event.name, "arguments": ""})
+            call["arguments"] += event.arguments
+        elif isinstance(event, Finished):
+            finished = event
+    return "".join(text), [calls[k] for k in sorted(calls)], finished
+
+
+def _completion(meta: _Meta, results, prompt_tokens: int) -> dict:
+    choices = []
+    for i, (text, calls, fin) in enumerate(results):
+        message: dict[str, Any] = {"role": "assistant", "content": text or (None if calls else "")}
+        reason = fin.reason
+        if calls and meta.legacy:
+            message["function_call"] = {"name": calls[0]["name"], "arguments": calls[0]["arguments"]}
+            reason = "function_call"
+        elif calls:
+            message["tool_calls"] = [{"id": c["id"], "type": "function",
+                                      "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]
+        choices.append({"index": i, "message": message, "finish_reason": reason, "logprobs": None})
+    completion = sum(r[2].completion_tokens for r in results)
+    return ChatCompletion(
+        id=meta.id, object="chat.completion", created=meta.created, model=meta.model, choices=choices,
+        usage=CompletionUsage(prompt_tokens=prompt_tokens, completion_tokens=completion,
+                              total_tokens=prompt_tokens + completion),
+    ).model_dump(exclude_unset=True)
+
+
+def _chunk(meta: _Meta, choices: list[dict], usage: CompletionUsage | None = None) -> str:
+    chunk = ChatCompletionChunk(id=meta.id, object="chat.completion.chunk", created=meta.created, model=meta.model,
+                                choices=choices, **({"usage": usage} if usage else {}))
+    return chunk.model_dump_json(exclude_unset=True)
+
+
+def _delta_for(meta: _Meta, event) -> dict:
+    if isinstance(event, TextDelta):
+        return {"content": event.text}
+    if meta.legacy:
+        fc = {"arguments": event.arguments}
+        if event.name is not None:
+            fc["name"] = event.name
+        return {"function_call": fc}
+    call: dict[str, Any] = {"index": event.index, "function": {"arguments": event.arguments}}
+    if event.id is not None:
+        call.update(id=event.id, type="function")
+    if event.name is not None:
+        call["function"]["name"] = event.name
+    return {"tool_calls": [call]}
+
+
+async def _sse(meta: _Meta, streams: list[AsyncIterator], prompt_tokens: int, include_usage: bool):
+    """Merges the choices' event streams into OpenAI chunks; closing it cancels every choice."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator):
+        try:
+            async for event in stream:
+                await queue.put((index, event))
+        except EngineError as exc:
+            await queue.put((index, exc))
+        except Exception as exc:  # keep the other choices and the connection alive; report in-band
+            await queue.put((index, EngineError(f"Generation failed: {exc}")))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        for i in range(len(streams)):
+            yield {"data": _chunk(meta, [{"index": i, "delta": {"role": "assistant", "content": ""}}])}
+        done, completion_tokens = 0, 0
+        while done < len(streams):
+            index, event = await queue.get()
+            if isinstance(event, EngineError):
+                yield {"data": json.dumps(APIError.from_engine(event).body(), ensure_ascii=False)}
+                return
+            if isinstance(event, Finished):
+                done += 1
+                completion_tokens += event.completion_tokens
+                reason = "function_call" if meta.legacy and event.reason == "tool_calls" else event.reason
+                yield {"data": _chunk(meta, [{"index": index, "delta": {}, "finish_reason": reason}])}
+                continue
+            if isinstance(event, TextDelta) and not event.text:
+                continue
+            yield {"data": _chunk(meta, [{"index": index, "delta": _delta_for(meta, event)}])}
+        if include_usage:
+            usage = CompletionUsage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                    total_tokens=prompt_tokens + completion_tokens)
+            yield {"data": _chunk(meta, [], usage)}
+        yield {"data": "[DONE]"}
+    finally:
+        for t in tasks:
+            t.cancel()
+        for s in streams:
+            await s.aclose()

@@ -1,0 +1,47 @@
+"""What the routers need from the app: the engines (or a 503 while they load) and disconnect handling."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from fastapi import Request
+
+from server.api.errors import APIError
+
+T = TypeVar("T")
+
+
+def chat_engine(request: Request):
+    engine = getattr(request.app.state, "engine", None)
+    if engine is None:
+        raise APIError(503, "The chat model is still loading. Retry in a few seconds (GET /health says when).",
+                       code="model_loading", headers={"Retry-After": "5"})
+    return engine
+
+
+def embedder(request: Request):
+    emb = getattr(request.app.state, "embedder", None)
+    if emb is None:
+        if getattr(request.app.state, "embeddings_disabled", False):
+            raise APIError(404, "This server has no embedding model (EMBEDDING_PATH=none).", code="model_not_found")
+        raise APIError(503, "The embedding model is still loading. Retry in a few seconds.",
+                       code="model_loading", headers={"Retry-After": "5"})
+    return emb
+
+
+async def until_disconnected(request: Request, work: Awaitable[T], poll: float = 0.25) -> T:
+    """Await `work`, but cancel it if the client goes away (FastAPI would keep generating for nobody)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise APIError(499, "Client closed the request.", code="client_closed")
+    finally:
+        if not task.done():
+            task.cancel()

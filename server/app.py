@@ -1,0 +1,130 @@
+"""create_app(settings): routers, middleware, error handlers, and a lifespan that loads the models.
+
+Models load in the background after the port is open, so /health answers 503 while loading
+instead of the connection being refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+
+from server.api import chat, embeddings, models
+from server.api.errors import install_error_handlers
+from server.config import Settings
+from server.metrics import Metrics
+
+log = logging.getLogger("glm_serve")
+
+
+def create_app(settings: Settings, *, engine=None, embedder=None, on_load_failure=None) -> FastAPI:
+    """With `engine`/`embedder` given (tests, benchmarks) nothing is loaded; otherwise the settings say what."""
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.status = "loading"
+        loader = None
+        if engine is None:
+            loader = asyncio.create_task(_load(app, settings, metrics, on_load_failure))
+        else:
+            await _attach(app, settings, engine, embedder)
+        try:
+            yield
+        finally:
+            if loader is not None and not loader.done():
+                loader.cancel()
+            for part in (getattr(app.state, "engine", None), getattr(app.state, "embedder", None)):
+                if part is not None:
+                    await part.stop()
+
+    app = FastAPI(title="glm-serve", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI- and ZhipuAI-compatible chat completions and embeddings.")
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.engine = None
+    app.state.embedder = None
+    app.state.embedding_names = []
+    app.state.embeddings_disabled = settings.embedding_path.lower() == "none"
+    install_error_handlers(app)
+    for router in (chat.router, embeddings.router, models.router):
+        app.include_router(router)
+    _install_middleware(app, settings, metrics)
+    if settings.web_ui:
+        _mount_web_ui(app)
+    return app
+
+
+def _install_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
+    @app.middleware("http")
+    async def request_id_and_metrics(request: Request, call_next):
+        rid = request.headers.get("x-request-id") or f"req-{uuid.uuid4().hex[:12]}"
+        request.state.request_id = rid[:64]
+        started = time.monotonic()
+        response = await call_next(request)
+        response.headers["X-Request-ID"] = request.state.request_id
+        route = request.scope.get("route")
+        metrics.requests.labels(getattr(route, "path", "other"), str(response.status_code)).inc()
+        if request.url.path.startswith("/v1"):
+            log.info("%s %s %s %d %.0f ms", request.state.request_id, request.method, request.url.path,
+                     response.status_code, (time.monotonic() - started) * 1000)
+        return response
+
+    origins = settings.cors_origin_list
+    if origins:
+        wildcard = origins == ["*"]
+        # Browsers refuse credentials with "*", and a wildcard with credentials would let any site use the keys.
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_credentials=not wildcard,
+                           allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"],
+                           expose_headers=["X-Request-ID", "Retry-After"])
+
+
+def _mount_web_ui(app: FastAPI) -> None:
+    static = Path(__file__).parent / "static"
+    if not (static / "index.html").exists():
+        return
+    from fastapi.responses import FileResponse
+    from fastapi.staticfiles import StaticFiles
+
+    app.mount("/static", StaticFiles(directory=static), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(static / "index.html")
+
+
+async def _attach(app: FastAPI, settings: Settings, engine, embedder) -> None:
+    await engine.start()
+    app.state.engine = engine
+    if embedder is not None:
+        await embedder.start()
+        app.state.embedder = embedder
+        app.state.embedding_names = [embedder.model_id]
+    app.state.status = "ready"
+
+
+async def _load(app: FastAPI, settings: Settings, metrics: Metrics, on_load_failure) -> None:
+    from server.bootstrap import build_embedder, build_engine, startup_summary
+
+    try:
+        engine = await asyncio.to_thread(build_engine, settings, metrics)
+        embedder = None
+        if not app.state.embeddings_disabled:
+            embedder = await asyncio.to_thread(build_embedder, settings, engine.loaded.placement.input_device)
+        await _attach(app, settings, engine, embedder)
+        log.info("%s", startup_summary(settings, engine, embedder))
+    except Exception as exc:
+        reason = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+        app.state.status = "failed"
+        app.state.load_error = reason
+        log.error("Could not load the model: %s", reason)
+        log.debug("load failure", exc_info=True)
+        if on_load_failure is not None:
+            on_load_failure(reason)

@@ -1,0 +1,76 @@
+"""Settings -> a ready engine and embedder, plus the one-screen startup summary."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+
+from server.config import (
+    Settings,
+    derive_model_name,
+    resolve_embedding_path,
+    resolve_model_path,
+)
+
+log = logging.getLogger("glm_serve")
+
+
+def build_engine(settings: Settings, metrics=None, *, logits_hook=None):
+    from server.engine.device import place
+    from server.engine.engine import LocalChatEngine
+    from server.engine.loader import load_chat_model
+
+    placement = place(settings.device, settings.dtype, settings.quantization)
+    loaded = load_chat_model(resolve_model_path(settings.model_path), placement, cache_dir=settings.cache_dir,
+                             max_model_len=settings.max_model_len)
+    return LocalChatEngine(
+        loaded,
+        model_id=settings.served_model_name or derive_model_name(settings.model_path),
+        aliases=settings.alias_list,
+        max_running=settings.max_running_requests,
+        max_waiting=settings.max_waiting_requests,
+        request_timeout=settings.request_timeout,
+        logits_hook=logits_hook,
+        observer=metrics,
+    )
+
+
+def build_embedder(settings: Settings, device: str):
+    from server.embeddings import SentenceEmbedder
+
+    path = resolve_embedding_path(settings.embedding_path)
+    log.info("Loading embedding model %s on %s...", path, device)
+    return SentenceEmbedder(path, model_id=settings.embedding_model_name or derive_model_name(settings.embedding_path),
+                            device=device)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def startup_summary(settings: Settings, engine, embedder) -> str:
+    loaded = engine.loaded
+    p = loaded.placement
+    aliases = f" (also: {', '.join(engine.aliases)})" if engine.aliases else ""
+    host = settings.host if ":" not in settings.host else f"[{settings.host}]"
+    url = f"http://{host}:{settings.port}"
+    lines = [
+        "glm-serve is ready",
+        f"  chat model   {engine.model_id}{aliases}  [{loaded.family.name}]  from {loaded.source}",
+        f"  device       {p.describe()}   dtype {str(p.dtype).removeprefix('torch.')}"
+        + (f"   quantization {settings.quantization}" if settings.quantization != "none" else ""),
+        f"  weights      {loaded.weight_bytes / 2**20:,.0f} MiB   context {loaded.context_length} tokens"
+        f"   loaded in {loaded.load_seconds:.1f} s",
+        f"  batching     {settings.max_running_requests} running, {settings.max_waiting_requests} waiting, "
+        f"timeout {settings.request_timeout:g} s",
+    ]
+    if embedder is not None:
+        lines.append(f"  embeddings   {embedder.model_id} ({embedder.dimensions} dims, max {embedder.max_seq_length} "
+                     "tokens)")
+    lines.append(f"  API          {url}/v1" + (f"   web chat {url}/" if settings.web_ui else ""))
+    return "\n".join(lines)

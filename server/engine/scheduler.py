@@ -1,0 +1,253 @@
+"""Continuous batching on one engine thread.
+
+Between two decode steps, waiting sequences are prefilled and join the running batch; finished or
+cancelled ones leave it. Every sequence keeps its own sampling state, stop strings and token
+budget. Results cross back to the event loop once per step through `publish`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from server.engine.base import EngineOverloaded, SamplingParams
+from server.engine.decode import IncrementalDetokenizer, StopStrings
+from server.engine.kv_cache import BatchKV
+from server.engine.sampling import Sampler
+
+log = logging.getLogger("glm_serve.scheduler")
+
+
+@dataclass
+class StepOutput:
+    text: str
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Sequence:
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    stop_token_ids: set[int]
+    sink: Callable[[StepOutput], None]  # called on the event loop thread
+    adapter: str | None = None
+    request_id: str = ""
+    generated: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    finished: bool = False
+    arrival: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    # engine-thread state, built at admission
+    sampler: Sampler | None = None
+    detok: IncrementalDetokenizer | None = None
+    stops: StopStrings | None = None
+
+
+LogitsHook = Callable[[Sequence, torch.Tensor], torch.Tensor]
+
+
+class Scheduler:
+    def __init__(
+        self,
+        model,
+        decode: Callable[[Seq[int]], str],
+        *,
+        device: torch.device,
+        vocab_size: int,
+        publish: Callable[[list[tuple[Sequence, StepOutput]]], None],
+        max_running: int = 16,
+        max_waiting: int = 64,
+        logits_hook: LogitsHook | None = None,
+        observer=None,
+    ):
+        self.model = model
+        self.decode = decode
+        self.device = device
+        self.vocab_size = vocab_size
+        self.publish = publish
+        self.max_running = max_running
+        self.max_waiting = max_waiting
+        self.logits_hook = logits_hook
+        self.observer = observer  # metrics: on_step(running, waiting, kv_bytes), on_first_token(seq), ...
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.kv = BatchKV()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="glm-serve-engine", daemon=True)
+
+    # -- called from the event loop -------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+
+    def submit(self, seq: Sequence) -> None:
+        with self._cond:
+            if len(self.waiting) >= self.max_waiting:
+                raise EngineOverloaded(
+                    f"The server is at capacity ({len(self.running)} running, {len(self.waiting)} waiting). "
+                    "Retry shortly or raise MAX_WAITING_REQUESTS."
+                )
+            self.waiting.append(seq)
+            self._cond.notify()
+
+    def cancel(self, seq: Sequence) -> None:
+        seq.cancelled = True  # read by the engine thread before its next step
+        with self._cond:
+            self._cond.notify()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # -- the engine thread ------------------------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cond:
+                while not self._stopping and not self.waiting and not self.running:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+            outputs: list[tuple[Sequence, StepOutput]] = []
+            try:
+                self._drop_cancelled(outputs)
+                self._admit(outputs)
+                if self.running:
+                    self._decode_step(outputs)
+            except Exception as exc:  # an engine failure ends the batch, never the server
+                log.exception("engine step failed; ending %d running request(s)", len(self.running))
+                for seq in self.running:
+                    seq.finished = True
+                    outputs.append((seq, StepOutput("", "error", len(seq.generated), error=str(exc))))
+                self.running = []
+                self.kv = BatchKV()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            if outputs:
+                self.publish(outputs)
+            if self.observer is not None:
+                self.observer.on_step(len(self.running), len(self.waiting), self.kv.nbytes())
+
+    def _drop_cancelled(self, outputs) -> None:
+        with self._cond:
+            if any(s.cancelled for s in self.waiting):
+                self.waiting = deque(s for s in self.waiting if not s.cancelled)
+        if any(s.cancelled for s in self.running):
+            keep = [i for i, s in enumerate(self.running) if not s.cancelled]
+            for s in self.running:
+                if s.cancelled:
+                    s.finished = True
+                    outputs.append((s, StepOutput("", "abort", len(s.generated))))
+            self.running = [self.running[i] for i in keep]
+            self.kv.keep(keep)
+
+    def _admit(self, outputs) -> None:
+        while len(self.running) < self.max_running:
+            with self._cond:
+                if not self.waiting:
+                    return
+                seq = self.waiting.popleft()
+            if seq.cancelled:
+                continue
+            try:
+                logits, cache = self._prefill(seq)
+            except Exception as exc:
+                log.exception("prefill failed for request %s", seq.request_id)
+                seq.finished = True
+                outputs.append((seq, StepOutput("", "error", 0, error=str(exc))))
+                continue
+            out = self._accept(seq, self._sample([seq], logits[None])[0])
+            outputs.append((seq, out))
+            if not seq.finished:
+                self.running.append(seq)
+                self.kv.add(cache)
+
+    def _prefill(self, seq: Sequence):
+        seq.sampler = Sampler(seq.params, seq.prompt_ids, self.vocab_size, self.device)
+        seq.detok = IncrementalDetokenizer(self.decode)
+        seq.stops = StopStrings(seq.params.stop)
+        cache = DynamicCache()
+        ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                         **self._adapter_kwargs([seq]))
+        return out.logits[0, -1].float(), cache
+
+    def _decode_step(self, outputs) -> None:
+        cache, mask, positions = self.kv.step_inputs()
+        ids = torch.tensor([[s.generated[-1]] for s in self.running], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=True, **self._adapter_kwargs(self.running))
+        tokens = self._sample(self.running, out.logits[:, -1].float())
+        keep = []
+        for i, (seq, tok) in enumerate(zip(self.running, tokens)):
+            outputs.append((seq, self._accept(seq, tok)))
+            if not seq.finished:
+                keep.append(i)
+        if len(keep) != len(self.running):
+            self.running = [self.running[i] for i in keep]
+            self.kv.keep(keep)
+
+    def _adapter_kwargs(self, seqs: list[Sequence]) -> dict:
+        if not getattr(self.model, "peft_config", None):
+            return {}
+        return {"adapter_names": [s.adapter or "__base__" for s in seqs]}
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        if self.logits_hook is not None:
+            logits = torch.stack([self.logits_hook(s, row) for s, row in zip(seqs, logits)])
+        plain = [i for i, s in enumerate(seqs) if s.sampler.is_plain_greedy]
+        tokens = [0] * len(seqs)
+        if plain:
+            best = torch.argmax(logits[plain, : self.vocab_size], dim=-1).tolist()
+            for i, tok in zip(plain, best):
+                tokens[i] = tok
+        for i, seq in enumerate(seqs):
+            if not seq.sampler.is_plain_greedy:
+                tokens[i] = seq.sampler.sample(logits[i])
+        return tokens
+
+    def _accept(self, seq: Sequence, token: int) -> StepOutput:
+        """Account for one generated token; decide whether the sequence is done."""
+        if seq.first_token_at is None:
+            seq.first_token_at = time.monotonic()
+        seq.generated.append(token)
+        seq.sampler.observe(token)
+        finish = None
+        if token in seq.stop_token_ids:
+            text, finish = self._drain(seq), "stop"  # the stop token itself never becomes text
+        else:
+            text, hit = seq.stops.push(seq.detok.push(token))
+            if hit:
+                finish = "stop"
+            elif len(seq.generated) >= seq.max_tokens:
+                text += self._drain(seq)
+                finish = "length"
+        if finish:
+            seq.finished = True
+        return StepOutput(text, finish, len(seq.generated))
+
+    @staticmethod
+    def _drain(seq: Sequence) -> str:
+        text, hit = seq.stops.push(seq.detok.flush())
+        return text if hit else text + seq.stops.flush()

@@ -1,0 +1,61 @@
+"""Any Hugging Face chat model: the prompt is the tokenizer's own chat template."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from server.engine.base import ChatRequest, EngineError
+from server.families.base import PlainTextParser, Prompt
+
+log = logging.getLogger("glm_serve.families")
+
+# Used only when a tokenizer ships no template at all (base models): plain ChatML.
+FALLBACK_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class ChatTemplateFamily:
+    name = "chat_template"
+
+    def __init__(self, tokenizer, eos_token_ids: Sequence[int]):
+        self.tokenizer = tokenizer
+        self.eos_token_ids = {int(i) for i in eos_token_ids if i is not None}
+        if tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(int(tokenizer.eos_token_id))
+        if not tokenizer.chat_template:
+            log.warning("The tokenizer has no chat template; using plain ChatML. Answers may be poor.")
+            tokenizer.chat_template = FALLBACK_TEMPLATE
+        self.supports_tools = "tools" in tokenizer.chat_template
+
+    def build_prompt(self, request: ChatRequest) -> Prompt:
+        tools = request.tools if request.tool_choice != "none" else None
+        if tools and not self.supports_tools:
+            raise EngineError(
+                "This model's chat template cannot express tools. Remove `tools` (or set tool_choice to 'none'), "
+                "or serve a model with tool support such as ChatGLM3.",
+                param="tools",
+            )
+        messages = [self._message(m) for m in request.messages]
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                messages, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        except Exception as exc:  # jinja raises for conversations the template forbids (e.g. role order)
+            raise EngineError(f"The model's chat template rejected these messages: {exc}", param="messages") from exc
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return Prompt(list(ids), PlainTextParser())
+
+    @staticmethod
+    def _message(m: dict) -> dict:
+        out = {"role": m["role"], "content": m.get("content") or ""}
+        for key in ("name", "tool_calls", "tool_call_id"):
+            if m.get(key) is not None:
+                out[key] = m[key]
+        return out
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)

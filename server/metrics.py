@@ -1,0 +1,68 @@
+"""Prometheus metrics: request outcomes, queue depth, latency histograms, token counts, KV memory."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    """One registry per app, so several apps in one process (tests) never collide."""
+
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("glm_serve_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=r)
+        self.running = Gauge("glm_serve_running_requests", "Sequences in the running batch", registry=r)
+        self.waiting = Gauge("glm_serve_waiting_requests", "Sequences waiting for a batch slot", registry=r)
+        self.kv_bytes = Gauge("glm_serve_kv_cache_bytes", "Bytes held by the running batch's KV cache", registry=r)
+        self.ttft = Histogram("glm_serve_time_to_first_token_seconds", "Arrival to first generated token",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("glm_serve_inter_token_latency_seconds", "Gap between successive tokens of a sequence",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("glm_serve_request_latency_seconds", "Arrival to last token",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("glm_serve_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.generation_tokens = Counter("glm_serve_generation_tokens", "Tokens generated", registry=r)
+        self.finished = Counter("glm_serve_finished_sequences", "Sequences by finish reason", ["reason"], registry=r)
+        self.embedding_batches = Counter("glm_serve_embedding_batches", "Embedding forward passes", registry=r)
+        self.memory = Gauge("glm_serve_process_resident_bytes", "Resident memory of the server process", registry=r)
+
+    # -- scheduler observer (engine thread) ---------------------------------------------------------
+    def on_step(self, running: int, waiting: int, kv_bytes: int) -> None:
+        self.running.set(running)
+        self.waiting.set(waiting)
+        self.kv_bytes.set(kv_bytes)
+
+    # -- per output (event loop) ------------------------------------------------------------------
+    def on_output(self, seq, out) -> None:
+        now = time.monotonic()
+        last = getattr(seq, "_last_output_at", None)
+        if last is None:
+            self.ttft.observe(now - seq.arrival)
+            self.prompt_tokens.inc(len(seq.prompt_ids))
+        else:
+            self.itl.observe(now - last)
+        seq._last_output_at = now
+        if out.completion_tokens:
+            self.generation_tokens.inc(1)
+        if out.finish_reason:
+            self.finished.labels(out.finish_reason).inc()
+            self.e2e.observe(now - seq.arrival)
+
+    def render(self) -> tuple[bytes, str]:
+        self.memory.set(_rss_bytes())
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            import os
+
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
