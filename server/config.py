@@ -83,7 +83,7 @@ def resolve_embedding_path(value: str) -> str:
 
 
 def derive_model_name(path: str) -> str:
-    """A readable id: `THUDM/chatglm3-6b` -> chatglm3-6b, `/x/SmolLM2-135M-Instruct.Q4_1.gguf` -> SmolLM2-135M-Instruct."""
+    """A readable id: `THUDM/chatglm3-6b` -> chatglm3-6b, `SmolLM2-135M-Instruct.Q4_1.gguf` -> SmolLM2-135M-Instruct."""
     if path == EMBEDDED_CHAT:
         return "SmolLM2-135M-Instruct"
     if path == EMBEDDED_EMBEDDING:

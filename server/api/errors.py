@@ -43,7 +43,8 @@ class APIError(Exception):
         self.message = message
         self.param = param
         self.code = code
-        self.type = error_type or _TYPES.get(status_code, "server_error" if status_code >= 500 else "invalid_request_error")
+        default = "server_error" if status_code >= 500 else "invalid_request_error"
+        self.type = error_type or _TYPES.get(status_code, default)
         self.headers = headers
 
     @classmethod

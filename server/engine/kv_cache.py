@@ -81,7 +81,7 @@ class BatchKV:
             return
         t = self.length
         width = max(t, n)
-        old = [(self._left_pad(layer.keys, width - t), self._left_pad(layer.values, width - t)) for layer in self.layers]
+        old = [(self._left_pad(la.keys, width - t), self._left_pad(la.values, width - t)) for la in self.layers]
         new = [(self._left_pad(k, width - n), self._left_pad(v, width - n)) for k, v in new]
         self.layers = [
             RoomyLayer(torch.cat([ok, nk]), torch.cat([ov, nv]), self.room) for (ok, ov), (nk, nv) in zip(old, new)
@@ -99,7 +99,8 @@ class BatchKV:
         mask = mask[:, first_real:]
         self.layers = [
             RoomyLayer(
-                layer.keys.index_select(0, idx)[:, :, first_real:], layer.values.index_select(0, idx)[:, :, first_real:],
+                layer.keys.index_select(0, idx)[:, :, first_real:],
+                layer.values.index_select(0, idx)[:, :, first_real:],
                 self.room,
             )
             for layer in self.layers
