@@ -71,8 +71,8 @@ def load_chat_model(path: str, placement: Placement, *, cache_dir: str, max_mode
         config = read_config(path)
         from server.families.chatglm3 import is_chatglm_config
 
-        if config.get("model_type") == "chatglm" or is_chatglm_config(config):
-            model, family = _load_chatglm3(path, placement)
+        if is_chatglm_config(config):
+            model, family = _load_chatglm3(path, config, placement)
         else:
             model, family = _load_hf(path, placement)
     model.eval()
@@ -106,9 +106,10 @@ def _load_hf(path: str, placement: Placement):
     return model, ChatTemplateFamily(tokenizer, _eos_ids(model))
 
 
-def _load_chatglm3(path: str, placement: Placement):
-    from server.families.chatglm3 import ChatGLM3Family, ChatGLM3Tokenizer, load_chatglm3
+def _load_chatglm3(path: str, config: dict, placement: Placement):
+    from server.families.chatglm3 import ChatGLM3Family, ChatGLM3Tokenizer, check_chatglm3_config, load_chatglm3
 
+    check_chatglm3_config(config)  # a clear refusal (v1, GLM-4...) before any file is fetched
     tokenizer = ChatGLM3Tokenizer.from_pretrained(path)
     model = load_chatglm3(
         path,

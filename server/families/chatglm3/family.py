@@ -1,0 +1,41 @@
+"""ChatGLM3-6B as a model family: OpenAI requests to prompt ids, generated ids to text and tool calls."""
+
+from __future__ import annotations
+
+import os
+
+from server.engine.base import ChatRequest
+from server.families.base import Prompt
+from server.families.chatglm3.prompt import build_messages, from_openai
+from server.families.chatglm3.tokenizer import ChatGLM3Tokenizer
+from server.families.chatglm3.tools import ASSISTANT_SEPARATOR, ChatGLM3OutputParser
+
+
+class ChatGLM3Family:
+    name = "chatglm3"
+
+    def __init__(self, tokenizer: ChatGLM3Tokenizer):
+        self.tokenizer = tokenizer
+        # THUDM's chat demos stop on eos and on the model handing the turn to the user or to a tool.
+        self.eos_token_ids = {tokenizer.eos_token_id, tokenizer.user_token_id, tokenizer.observation_token_id}
+        self._render = {tokenizer.assistant_token_id: ASSISTANT_SEPARATOR}
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo: str | os.PathLike[str], *, revision: str | None = None) -> ChatGLM3Family:
+        return cls(ChatGLM3Tokenizer.from_pretrained(path_or_repo, revision=revision))
+
+    def build_prompt(self, request: ChatRequest) -> Prompt:
+        conversation = from_openai(request.messages, request.tools, request.tool_choice)
+        ids = build_messages(self.tokenizer, conversation.messages, metadata=conversation.forced_tool)
+        parser = ChatGLM3OutputParser(conversation.tool_names, forced_tool=conversation.forced_tool)
+        return Prompt(token_ids=ids, parser=parser)
+
+    def decode(self, token_ids: list[int]) -> str:
+        """Generated text for the parser: specials dropped, except <|assistant|>, which starts a new message.
+
+        Decoding only ever appends as ids grow (see ChatGLM3Tokenizer.decode_text), so the engine's scheme of
+        decoding `ids[start:]` and holding back a trailing U+FFFD is exact for multi-byte characters. The text
+        keeps sentencepiece's dummy-prefix spaces (e.g. " \\n 你好"); the parser removes the metadata line and
+        them, so users never see either.
+        """
+        return self.tokenizer.decode_text(token_ids, self._render)
