@@ -20,12 +20,14 @@ def _cards(request: Request) -> list[dict]:
     if engine is not None:
         for c in engine.models():
             cards.append({"id": c.id, "object": "model", "created": _CREATED, "owned_by": c.owned_by,
-                          "root": c.root or c.id, "parent": c.root, "max_model_len": c.context_length})
+                          "root": c.root or c.id, "parent": c.root, "max_model_len": c.context_length,
+                          "kind": c.kind})
     emb = getattr(state, "embedder", None)
     if emb is not None:
         for name in state.embedding_names:
             cards.append({"id": name, "object": "model", "created": _CREATED, "owned_by": "glm-serve",
-                          "root": emb.model_id, "parent": None, "max_model_len": emb.max_seq_length})
+                          "root": emb.model_id, "parent": None, "max_model_len": emb.max_seq_length,
+                          "kind": "embedding"})
     return cards
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 from server.engine.base import (
@@ -51,7 +51,7 @@ class LocalChatEngine:
         *,
         model_id: str,
         aliases: list[str] | None = None,
-        adapters: list[str] | None = None,
+        adapters: list[str] | Mapping[str, str] | None = None,
         max_running: int = 16,
         max_waiting: int = 64,
         request_timeout: float = 600.0,
@@ -61,8 +61,10 @@ class LocalChatEngine:
         self.loaded = loaded
         self.family = loaded.family
         self.model_id = model_id
-        self.aliases = list(aliases or [])
-        self.adapters = list(adapters or [])
+        self.aliases = [a for a in dict.fromkeys(aliases or []) if a != model_id]
+        # served model id -> peft adapter name (they differ where the id holds a '.', which peft cannot take)
+        self._adapter_keys = dict(adapters) if isinstance(adapters, Mapping) else {a: a for a in adapters or []}
+        self.adapters = list(self._adapter_keys)
         self.context_length = loaded.context_length
         self.request_timeout = request_timeout
         self.observer = observer
@@ -119,7 +121,7 @@ class LocalChatEngine:
             max_tokens=prepared.max_tokens,
             stop_token_ids=self.family.eos_token_ids | prepared.prompt.stop_token_ids,
             sink=queue.put_nowait,
-            adapter=req.adapter or None,
+            adapter=self._adapter_keys.get(req.adapter) if req.adapter else None,
             request_id=req.request_id,
         )
         self.scheduler.submit(seq)  # raises EngineOverloaded
