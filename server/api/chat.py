@@ -240,5 +240,8 @@ async def _sse(meta: _Meta, streams: list[AsyncIterator], prompt_tokens: int, in
     finally:
         for t in tasks:
             t.cancel()
+        # The pumps must have stopped before their generators can be closed (cancelling them runs the
+        # generators' cleanup, which frees the batch slots).
+        await asyncio.gather(*tasks, return_exceptions=True)
         for s in streams:
             await s.aclose()

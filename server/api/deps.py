@@ -40,8 +40,9 @@ async def until_disconnected(request: Request, work: Awaitable[T], poll: float =
             if done:
                 return task.result()
             if await request.is_disconnected():
-                task.cancel()
                 raise APIError(499, "Client closed the request.", code="client_closed")
     finally:
         if not task.done():
             task.cancel()
+            # Wait until the work has really stopped: its cleanup is what frees the engine's slots.
+            await asyncio.gather(task, return_exceptions=True)

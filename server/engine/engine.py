@@ -188,6 +188,8 @@ class ChatStream:
         return await self._gen.__anext__()
 
     async def aclose(self) -> None:
-        await self._gen.aclose()
-        if not self._seq.finished:
-            self._scheduler.cancel(self._seq)
+        try:
+            await self._gen.aclose()
+        finally:
+            if not self._seq.finished:
+                self._scheduler.cancel(self._seq)
