@@ -47,13 +47,17 @@ class IncrementalDetokenizer:
         return full_text[len(prefix_text) :]
 
     def flush(self) -> str:
-        """Whatever is still held back at the end (an incomplete character is emitted as U+FFFD)."""
+        """Whatever is still held back at the end, less an incomplete trailing character.
+
+        A generation cut by max_tokens in the middle of a multi-byte character would otherwise end in U+FFFD.
+        """
         if self._read == len(self.ids):
             return ""
         prefix_text = self._decode(self.ids[self._prefix : self._read])
         full_text = self._decode(self.ids[self._prefix :])
         self._read = len(self.ids)
-        return full_text[len(prefix_text) :] if full_text.startswith(prefix_text) else ""
+        tail = full_text[len(prefix_text) :] if full_text.startswith(prefix_text) else ""
+        return tail.rstrip(REPLACEMENT)
 
 
 class StopStrings:

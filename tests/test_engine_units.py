@@ -1,0 +1,119 @@
+"""Pure engine logic: stop strings, incremental detokenization, sampling, and the batch KV cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.engine.base import SamplingParams
+from server.engine.decode import IncrementalDetokenizer, StopStrings
+from server.engine.sampling import Sampler
+
+
+def _run_stops(stops, pieces):
+    s = StopStrings(stops)
+    out, hit = [], False
+    for p in pieces:
+        text, hit = s.push(p)
+        out.append(text)
+        if hit:
+            break
+    if not hit:
+        out.append(s.flush())
+    return out, hit
+
+
+def test_stop_string_across_chunks_is_never_emitted():
+    out, hit = _run_stops(["END"], ["abc E", "N", "D tail"])
+    assert hit and "".join(out) == "abc " and all("E" not in o for o in out[1:])
+
+
+def test_partial_stop_prefix_is_released_when_it_turns_out_harmless():
+    out, hit = _run_stops(["END"], ["abc EN", "x"])
+    assert not hit and "".join(out) == "abc ENx"
+    assert out[0] == "abc "  # "EN" was held back until "x" arrived
+
+
+def test_earliest_of_several_stops_wins():
+    out, hit = _run_stops(["bb", "a"], ["xxbba"])
+    assert hit and "".join(out) == "xx"
+
+
+def test_detokenizer_with_real_tokenizer_is_exact_for_cjk_and_emoji(server):
+    from transformers import AutoTokenizer
+
+    from tests.test_api_chat import _converted_dir
+
+    tok = AutoTokenizer.from_pretrained(_converted_dir(server))
+    text = "Hello 你好，世界！🌍🚀 naïve café — done."
+    ids = tok.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer(lambda x: tok.decode(x, skip_special_tokens=True))
+    deltas = [detok.push(i) for i in ids] + [detok.flush()]
+    assert "".join(deltas) == tok.decode(ids)
+    assert all("\ufffd" not in d for d in deltas)
+    assert sum(1 for d in deltas if d == "") > 0  # some byte-level pieces were held back
+
+
+def test_greedy_and_penalties():
+    logits = torch.tensor([0.0, 5.0, 4.9, 1.0])
+    assert Sampler(SamplingParams(temperature=0), [], 4, torch.device("cpu")).sample(logits) == 1
+    s = Sampler(SamplingParams(temperature=0, frequency_penalty=1.0), [], 4, torch.device("cpu"))
+    s.observe(1)
+    assert s.sample(logits) == 2  # 5.0 - 1.0 < 4.9
+    r = Sampler(SamplingParams(temperature=0, repetition_penalty=2.0), [1], 4, torch.device("cpu"))
+    assert r.sample(logits) == 2  # the prompt token 1 is penalized: 5.0 / 2 < 4.9
+
+
+def test_seeded_sampling_is_reproducible_and_top_p_restricts():
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+
+    def draws(seed, **kw):
+        s = Sampler(SamplingParams(temperature=1.0, seed=seed, **kw), [], 1000, torch.device("cpu"))
+        return [s.sample(logits) for _ in range(20)]
+
+    assert draws(5) == draws(5) and draws(5) != draws(6)
+    top = int(torch.argmax(logits))
+    assert set(draws(1, top_p=1e-6)) == {top}
+    assert set(draws(1, top_k=1)) == {top}
+
+
+@pytest.mark.parametrize("lengths", [[5, 9, 3], [7], [2, 2, 2, 11]])
+def test_batched_kv_decode_equals_single_sequence(lengths):
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    from server.engine.kv_cache import BatchKV
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    prompts = [torch.randint(0, 64, (1, n)) for n in lengths]
+    kv = BatchKV(room=2)  # tiny room: forces the grow-by-doubling path
+    alone = []
+    with torch.no_grad():
+        for p in prompts:
+            cache = DynamicCache()
+            model(input_ids=p, past_key_values=cache, use_cache=True)
+            kv.add(cache)
+            ref = DynamicCache()
+            model(input_ids=p, past_key_values=ref, use_cache=True)
+            steps = []
+            for t in range(4):
+                out = model(input_ids=torch.tensor([[t + 1]]), past_key_values=ref, use_cache=True)
+                steps.append(out.logits[0, -1])
+            alone.append(steps)
+        for t in range(4):
+            cache, mask, pos = kv.step_inputs()
+            ids = torch.full((len(prompts), 1), t + 1)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+            for row in range(len(prompts)):
+                torch.testing.assert_close(out.logits[row, -1], alone[row][t], atol=1e-5, rtol=1e-5)
+            if t == 1 and len(prompts) > 1:  # a sequence leaves mid-way; the others continue unchanged
+                kv.keep(list(range(1, len(prompts))))
+                prompts, alone = prompts[1:], alone[1:]
+
+
+def test_flush_drops_an_incomplete_trailing_character():
+    data = "好".encode()  # three bytes: pretend each is one byte-fallback token
+    detok = IncrementalDetokenizer(lambda ids: bytes(data[i] for i in ids).decode("utf-8", errors="replace"))
+    assert detok.push(0) == "" and detok.push(1) == ""
+    assert detok.flush() == ""  # cut before the third byte: nothing, not U+FFFD
