@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from server.api import chat, embeddings, models
+from server.api.auth import AuthMiddleware, KeyRing
 from server.api.errors import install_error_handlers
+from server.api.limits import BodyLimitMiddleware
+from server.api.middleware import RequestContextMiddleware
 from server.config import Settings
 from server.metrics import Metrics
 
@@ -63,24 +64,20 @@ def create_app(settings: Settings, *, engine=None, embedder=None, on_load_failur
 
 
 def _install_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
-    @app.middleware("http")
-    async def request_id_and_metrics(request: Request, call_next):
-        rid = request.headers.get("x-request-id") or f"req-{uuid.uuid4().hex[:12]}"
-        request.state.request_id = rid[:64]
-        started = time.monotonic()
-        response = await call_next(request)
-        response.headers["X-Request-ID"] = request.state.request_id
-        route = request.scope.get("route")
-        metrics.requests.labels(getattr(route, "path", "other"), str(response.status_code)).inc()
-        if request.url.path.startswith("/v1"):
-            log.info("%s %s %s %d %.0f ms", request.state.request_id, request.method, request.url.path,
-                     response.status_code, (time.monotonic() - started) * 1000)
-        return response
+    # Starlette runs the last added middleware first: CORS -> request id/log -> auth -> body limit -> routes,
+    # so rejections still carry CORS headers and a request id, and nobody unauthenticated gets a body read.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(AuthMiddleware, keys=KeyRing(settings.api_key_list))
+
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
 
     origins = settings.cors_origin_list
     if origins:
-        wildcard = origins == ["*"]
         # Browsers refuse credentials with "*", and a wildcard with credentials would let any site use the keys.
+        # (Starlette echoes the caller's origin when "*" is in the list and credentials are on: never allow that.)
+        wildcard = "*" in origins
+        if wildcard:
+            origins = ["*"]
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_credentials=not wildcard,
                            allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"],
                            expose_headers=["X-Request-ID", "Retry-After"])
@@ -117,7 +114,8 @@ async def _load(app: FastAPI, settings: Settings, metrics: Metrics, on_load_fail
         engine = await asyncio.to_thread(build_engine, settings, metrics)
         embedder = None
         if not app.state.embeddings_disabled:
-            embedder = await asyncio.to_thread(build_embedder, settings, engine.loaded.placement.input_device)
+            embedder = await asyncio.to_thread(build_embedder, settings, engine.loaded.placement.input_device,
+                                             metrics)
         await _attach(app, settings, engine, embedder)
         log.info("%s", startup_summary(settings, engine, embedder))
     except Exception as exc:

@@ -20,13 +20,21 @@ def build_engine(settings: Settings, metrics=None, *, logits_hook=None):
     from server.engine.engine import LocalChatEngine
     from server.engine.loader import load_chat_model
 
-    placement = place(settings.device, settings.dtype, settings.quantization)
+    model_id = settings.served_model_name or derive_model_name(settings.model_path)
+    lora = _lora_modules(settings, model_id)  # before the slow load: a typo should fail at once
+    placement = place(settings.device, _dtype(settings), settings.quantization, settings.quant_double)
     loaded = load_chat_model(resolve_model_path(settings.model_path), placement, cache_dir=settings.cache_dir,
                              max_model_len=settings.max_model_len)
+    adapters: dict[str, str] = {}
+    if lora:
+        from server.engine.lora import attach_adapters
+
+        loaded.model, adapters = attach_adapters(loaded.model, lora)
     return LocalChatEngine(
         loaded,
-        model_id=settings.served_model_name or derive_model_name(settings.model_path),
+        model_id=model_id,
         aliases=settings.alias_list,
+        adapters=adapters,
         max_running=settings.max_running_requests,
         max_waiting=settings.max_waiting_requests,
         request_timeout=settings.request_timeout,
@@ -35,13 +43,40 @@ def build_engine(settings: Settings, metrics=None, *, logits_hook=None):
     )
 
 
-def build_embedder(settings: Settings, device: str):
+def _dtype(settings: Settings) -> str:
+    from server.engine.device import cpu_auto_dtype, pick_device
+
+    if settings.dtype != "auto" or settings.quantization != "none" or pick_device(settings.device) != "cpu":
+        return settings.dtype
+    from server.plan import PRECISIONS, ram_memory, read_shape, weight_bytes
+
+    try:
+        fp32 = weight_bytes(read_shape(resolve_model_path(settings.model_path)), PRECISIONS[0])
+    except Exception:  # an unknown shape: the loader will say what is wrong; bf16 is the safe guess meanwhile
+        fp32 = None
+    return cpu_auto_dtype(fp32, ram_memory().free)
+
+
+def _lora_modules(settings: Settings, model_id: str) -> dict[str, str]:
+    if not settings.lora_modules.strip():
+        return {}
+    from server.engine.lora import AdapterError, parse_lora_modules
+
+    lora = parse_lora_modules(settings.lora_modules)
+    clash = sorted(set(lora) & {model_id, *settings.alias_list})
+    if clash:
+        raise AdapterError(f"LoRA adapter name(s) {', '.join(clash)} already name the base model (SERVED_MODEL_NAME "
+                           "or MODEL_ALIASES); pick other names.")
+    return lora
+
+
+def build_embedder(settings: Settings, device: str, metrics=None):
     from server.embeddings import SentenceEmbedder
 
     path = resolve_embedding_path(settings.embedding_path)
     log.info("Loading embedding model %s on %s...", path, device)
     return SentenceEmbedder(path, model_id=settings.embedding_model_name or derive_model_name(settings.embedding_path),
-                            device=device)
+                            device=device, observer=metrics)
 
 
 def is_loopback(host: str) -> bool:
@@ -69,6 +104,8 @@ def startup_summary(settings: Settings, engine, embedder) -> str:
         f"  batching     {settings.max_running_requests} running, {settings.max_waiting_requests} waiting, "
         f"timeout {settings.request_timeout:g} s",
     ]
+    if engine.adapters:
+        lines.append(f"  LoRA         {', '.join(engine.adapters)}  (model ids on the shared base, unmerged)")
     if embedder is not None:
         lines.append(f"  embeddings   {embedder.model_id} ({embedder.dimensions} dims, max {embedder.max_seq_length} "
                      "tokens)")

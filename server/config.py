@@ -28,12 +28,18 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto (cuda > mps > cpu), cuda, cuda:1, mps, cpu")
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field("auto", description="weights/compute dtype")
     quantization: Literal["none", "8bit", "4bit"] = Field("none", description="bitsandbytes quantization")
+    quant_double: bool = Field(True, description="4bit only: also quantize the per-block scales (saves ~0.4 bit/param)")
     max_model_len: int = Field(0, description="context length cap (0: the model's own)")
     max_running_requests: int = Field(16, description="sequences decoded together in one batch")
     max_waiting_requests: int = Field(64, description="requests queued before answering 429")
     request_timeout: float = Field(600.0, description="seconds a request may take before it is aborted")
-    api_keys: str = Field("", description="comma-separated API keys; empty: no auth")
-    api_keys_file: str = Field("", description="file with one API key per line")
+    api_keys: str = Field("", description="comma-separated API keys (any string, or ZhipuAI-style id.secret); "
+                          "empty: no auth")
+    api_keys_file: str = Field("", description="file with one API key per line (# comments); read at startup")
+    max_request_bytes: int = Field(4 * 2**20, ge=1024, description="largest request body accepted (413 above)")
+    embedding_max_input_tokens: int = Field(
+        8192, ge=1, description="longest embedding input in tokens (400 above); the model still truncates to its "
+        "own window")
     cors_origins: str = Field("", description="comma-separated allowed CORS origins")
     lora_modules: str = Field("", description="LoRA adapters served as models: name=path,...")
     web_ui: bool = Field(True, description="serve the chat page at /")
@@ -47,6 +53,27 @@ class Settings(BaseSettings):
             raise ValueError("must be at least 1")
         return v
 
+    @field_validator("api_keys_file")
+    @classmethod
+    def _readable_keys(cls, v: str) -> str:
+        # A typo here must not start an open server: refuse to start instead.
+        if not v:
+            return v
+        try:
+            keys = read_key_file(v)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read {v}: {getattr(exc, 'strerror', None) or exc}") from None
+        if not keys:
+            raise ValueError(f"{v} holds no API key (one per line)")
+        return v
+
+    @property
+    def api_key_list(self) -> list[str]:
+        keys = split_csv(self.api_keys)
+        if self.api_keys_file:
+            keys += read_key_file(self.api_keys_file)
+        return keys
+
     @property
     def alias_list(self) -> list[str]:
         return split_csv(self.model_aliases)
@@ -58,6 +85,12 @@ class Settings(BaseSettings):
 
 def split_csv(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def read_key_file(path: str) -> list[str]:
+    """One key per line; blank lines and lines starting with # are skipped. OSError if unreadable."""
+    lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
 
 
 def _package_dir(name: str) -> Path:

@@ -8,7 +8,9 @@ about one batched forward pass instead of 32.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -26,7 +28,8 @@ class _Job:
 
 
 class SentenceEmbedder:
-    def __init__(self, path: str, *, model_id: str, device: str = "cpu", max_batch_tokens: int = 16384):
+    def __init__(self, path: str, *, model_id: str, device: str = "cpu", max_batch_tokens: int = 16384,
+                 observer=None):
         from sentence_transformers import SentenceTransformer
 
         kwargs = {"torch_dtype": "float16"} if device.startswith("cuda") else {}
@@ -36,13 +39,19 @@ class SentenceEmbedder:
         self.dimensions = int(dims())
         self.max_seq_length = int(self.model.max_seq_length or 512)
         self.max_batch_tokens = max_batch_tokens
+        self._counter = copy.deepcopy(self.model.tokenizer)
+        self._count_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="glm-serve-embed")
         self._queue: asyncio.Queue[_Job] | None = None
         self._worker: asyncio.Task | None = None
-        self.batches = 0  # for metrics and tests: how many forward passes served the requests
+        self.observer = observer  # metrics: on_embedding_batch(texts)
 
     def token_lengths(self, texts: list[str]) -> list[int]:
-        enc = self.model.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
+        # Not self.model.tokenizer: a fast tokenizer keeps truncation/padding as mutable state that the encoder
+        # thread sets for each batch, and counting with it at the same time flipped that state mid-batch (a 500
+        # for every request in the batch, under concurrent load). A private copy, one caller at a time.
+        with self._count_lock:
+            enc = self._counter(texts, add_special_tokens=True, truncation=False)["input_ids"]
         return [len(ids) for ids in enc]
 
     async def start(self) -> None:
@@ -81,7 +90,8 @@ class SentenceEmbedder:
                     if not job.future.done():
                         job.future.set_exception(exc)
                 continue
-            self.batches += 1
+            if self.observer is not None:
+                self.observer.on_embedding_batch(len(texts))
             start = 0
             for job in batch:
                 if not job.future.done():  # the client may have gone away

@@ -28,7 +28,9 @@ class Metrics:
         self.prompt_tokens = Counter("glm_serve_prompt_tokens", "Prompt tokens prefilled", registry=r)
         self.generation_tokens = Counter("glm_serve_generation_tokens", "Tokens generated", registry=r)
         self.finished = Counter("glm_serve_finished_sequences", "Sequences by finish reason", ["reason"], registry=r)
-        self.embedding_batches = Counter("glm_serve_embedding_batches", "Embedding forward passes", registry=r)
+        self.embedding_batches = Counter("glm_serve_embedding_batches", "Embedding batches (forward passes)",
+                                         registry=r)
+        self.embedding_texts = Counter("glm_serve_embedding_texts", "Texts embedded", registry=r)
         self.memory = Gauge("glm_serve_process_resident_bytes", "Resident memory of the server process", registry=r)
 
     # -- scheduler observer (engine thread) ---------------------------------------------------------
@@ -40,18 +42,22 @@ class Metrics:
     # -- per output (event loop) ------------------------------------------------------------------
     def on_output(self, seq, out) -> None:
         now = time.monotonic()
-        last = getattr(seq, "_last_output_at", None)
-        if last is None:
-            self.ttft.observe(now - seq.arrival)
-            self.prompt_tokens.inc(len(seq.prompt_ids))
-        else:
-            self.itl.observe(now - last)
-        seq._last_output_at = now
-        if out.completion_tokens:
+        if out.finish_reason not in ("abort", "error"):  # every other output carries one new token
+            last = getattr(seq, "_last_output_at", None)
+            if last is None:
+                self.ttft.observe(now - seq.arrival)
+                self.prompt_tokens.inc(len(seq.prompt_ids))
+            else:
+                self.itl.observe(now - last)
+            seq._last_output_at = now
             self.generation_tokens.inc(1)
         if out.finish_reason:
             self.finished.labels(out.finish_reason).inc()
             self.e2e.observe(now - seq.arrival)
+
+    def on_embedding_batch(self, texts: int) -> None:
+        self.embedding_batches.inc()
+        self.embedding_texts.inc(texts)
 
     def render(self) -> tuple[bytes, str]:
         self.memory.set(_rss_bytes())

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Request
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.completion_usage import CompletionUsage
@@ -49,7 +50,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         results = await until_disconnected(request, asyncio.gather(*(_collect(s) for s in streams)))
     finally:
         for s in streams:
-            await s.aclose()
+            s.cancel()
+        with anyio.move_on_after(5, shield=True):
+            for s in streams:
+                await s.aclose()
     return _completion(meta, results, prepared[0].prompt_tokens)
 
 
@@ -238,10 +242,13 @@ async def _sse(meta: _Meta, streams: list[AsyncIterator], prompt_tokens: int, in
             yield {"data": _chunk(meta, [], usage)}
         yield {"data": "[DONE]"}
     finally:
+        # A client that went away arrives here as a cancellation, and in a cancelled anyio scope every await
+        # is cancelled again: free the slots synchronously first, then tidy up under a shield.
+        for s in streams:
+            s.cancel()
         for t in tasks:
             t.cancel()
-        # The pumps must have stopped before their generators can be closed (cancelling them runs the
-        # generators' cleanup, which frees the batch slots).
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for s in streams:
-            await s.aclose()
+        with anyio.move_on_after(5, shield=True):
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for s in streams:
+                await s.aclose()

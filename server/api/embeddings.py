@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 
 import numpy as np
@@ -26,7 +27,9 @@ async def create_embeddings(body: EmbeddingRequest, request: Request):
     if body.dimensions is not None and body.dimensions != emb.dimensions:
         raise APIError(400, f"This embedding model produces {emb.dimensions}-dimensional vectors and cannot "
                        f"shorten them; omit `dimensions` or set it to {emb.dimensions}.", param="dimensions")
-    vectors, tokens = await until_disconnected(request, emb.embed(texts))
+    lengths = await asyncio.to_thread(emb.token_lengths, texts)  # seconds for a 4 MiB body: not on the event loop
+    _check_lengths(lengths, request.app.state.settings.embedding_max_input_tokens)
+    vectors, tokens = await until_disconnected(request, emb.embed(texts, lengths))
     data = [{"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
             for i, v in enumerate(vectors)]
     return {"object": "list", "data": data, "model": body.model or emb.model_id,
@@ -49,6 +52,18 @@ def _texts(body: EmbeddingRequest) -> list[str]:
     if len(raw) > MAX_INPUTS:
         raise APIError(400, f"At most {MAX_INPUTS} inputs per request; got {len(raw)}.", param="input")
     return list(raw)
+
+
+def _check_lengths(lengths: list[int], limit: int) -> None:
+    """Like OpenAI, refuse over-long inputs instead of embedding a silently truncated prefix of them.
+
+    Inputs under the limit but over the model's own window (512 tokens for most sentence-transformers) are
+    still truncated by the model: EMBEDDING_MAX_INPUT_TOKENS bounds the work, not the window.
+    """
+    for i, n in enumerate(lengths):
+        if n > limit:
+            raise APIError(400, f"input[{i}] is {n} tokens long; this server accepts at most {limit} per input "
+                           "(EMBEDDING_MAX_INPUT_TOKENS).", param="input", code="context_length_exceeded")
 
 
 def _encode(vector: np.ndarray, fmt: str | None):

@@ -11,6 +11,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+# Bounds that keep one request from costing unbounded work before the engine's own checks (the context length,
+# MAX_REQUEST_BYTES) apply. OpenAI's own limits where it has them (128 tools); generous elsewhere.
+MAX_MESSAGES = 1024
+MAX_TOOLS = 128
+INT64 = 2**63
+MIN_TEMPERATURE = 1e-5
+
 
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -52,9 +59,18 @@ class Tool(_Lenient):
     function: FunctionDef
 
 
+def _named(v: dict[str, Any]) -> dict[str, Any]:
+    """`{"name": "..."}`: chat.py looks the name up in a set, so anything else would be a 500, not a 400."""
+    if not isinstance(v.get("name"), str):
+        raise ValueError("must name a function: {\"name\": \"...\"}")
+    return v
+
+
 class NamedTool(_Lenient):
     type: Literal["function"] = "function"
     function: dict[str, Any]
+
+    _name = field_validator("function")(_named)
 
 
 class StreamOptions(_Lenient):
@@ -66,7 +82,7 @@ class ResponseFormat(_Lenient):
 
 
 class ChatCompletionRequest(_Lenient):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     model: str | None = None
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logprobs: bool | None = None
@@ -75,21 +91,32 @@ class ChatCompletionRequest(_Lenient):
     n: int | None = Field(None, ge=1, le=16)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     response_format: ResponseFormat | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-INT64, lt=INT64)  # torch generators take 64-bit seeds
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, ge=0.0, le=1.0)
-    tools: list[Tool] | None = None
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedTool | None = None
-    functions: list[FunctionDef] | None = None
+    functions: list[FunctionDef] | None = Field(None, max_length=MAX_TOOLS)
     function_call: Literal["none", "auto"] | dict[str, Any] | None = None
     user: str | None = None
     # Extensions (vLLM / zhipuai names)
     top_k: int | None = Field(None, ge=0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=10.0)  # below: logits / penalty overflows
     do_sample: bool | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _near_zero_is_greedy(cls, v):
+        # logits / 1e-40 is inf in float32 and sampling would fail; any temperature this small is greedy anyway.
+        return 0.0 if v is not None and v < MIN_TEMPERATURE else v
+
+    @field_validator("function_call")
+    @classmethod
+    def _function_call(cls, v):
+        return _named(v) if isinstance(v, dict) else v
 
     @field_validator("stop")
     @classmethod

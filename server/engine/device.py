@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,41 +60,69 @@ def pick_device(requested: str) -> str:
     raise ConfigError(f"DEVICE={requested!r} is not one of auto, cuda, cuda:N, mps, cpu.")
 
 
-def pick_dtype(requested: str, device: str) -> torch.dtype:
+def pick_dtype(requested: str, device: str, quantization: str = "none") -> torch.dtype:
     if requested != "auto":
         return getattr(torch, requested)
     if device.startswith("cuda"):
+        if quantization == "8bit":
+            # LLM.int8 multiplies in float16: bf16 activations would be cast to fp16 and back in every layer.
+            return torch.float16
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device == "mps":
         return torch.float16
-    # On CPU bf16 halves the memory and measured faster than fp32 for decoding on this project's 2-core box.
-    return torch.bfloat16
+    return torch.bfloat16  # CPU: callers that know the model size use cpu_auto_dtype() instead
 
 
-def quantization_config(mode: str, device: str, dtype: torch.dtype) -> Any:
+def cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_auto_dtype(fp32_weight_bytes: int | None, free_ram: int) -> str:
+    """DTYPE=auto on CPU: bf16 where the CPU computes it natively; elsewhere float32 when it fits.
+
+    Without avx512_bf16/AMX, torch emulates bf16 matmuls: measured on this project's AVX2 box, float32 decoded
+    SmolLM2 faster than bf16. float32 doubles the memory, so a model whose float32 weights would take more than
+    half of the free RAM (ChatGLM3-6B: 23 GiB) still gets bf16.
+    """
+    if cpu_has_native_bf16():
+        return "bfloat16"
+    if fp32_weight_bytes is not None and fp32_weight_bytes <= free_ram // 2:
+        return "float32"
+    return "bfloat16"
+
+
+def quantization_config(mode: str, device: str, dtype: torch.dtype, double_quant: bool = True) -> Any:
+    """BitsAndBytesConfig for QUANTIZATION=8bit|4bit; `dtype` is the compute dtype of 4-bit layers and the dtype of
+    everything bitsandbytes leaves unquantized (embeddings, norms, lm_head). bitsandbytes >= 0.45 also runs on CPU."""
     if mode == "none":
         return None
     if device == "mps":
         raise ConfigError(f"QUANTIZATION={mode} uses bitsandbytes, which has no MPS backend. Use QUANTIZATION=none.")
-    try:
-        from transformers import BitsAndBytesConfig
-    except ImportError as exc:  # pragma: no cover - transformers always has it
-        raise ConfigError("QUANTIZATION needs bitsandbytes: pip install bitsandbytes") from exc
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"QUANTIZATION={mode} needs bitsandbytes: pip install 'bitsandbytes>=0.45' "
+                          "(or use QUANTIZATION=none).")
+    from transformers import BitsAndBytesConfig
+
     if mode == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_compute_dtype=dtype,
-        bnb_4bit_use_double_quant=True,
+        bnb_4bit_use_double_quant=double_quant,
     )
 
 
-def place(device: str, dtype: str, quantization: str = "none") -> Placement:
+def place(device: str, dtype: str, quantization: str = "none", double_quant: bool = True) -> Placement:
     dev = pick_device(device)
-    dt = pick_dtype(dtype, dev)
+    dt = pick_dtype(dtype, dev, quantization)
     if dev == "cuda" and torch.cuda.device_count() > 1:
         device_map: Any = "auto"  # accelerate balances the layers over every visible GPU
     else:
         device_map = {"": dev}
-    return Placement(dev, dt, device_map, quantization_config(quantization, dev, dt))
+    return Placement(dev, dt, device_map, quantization_config(quantization, dev, dt, double_quant))

@@ -187,6 +187,11 @@ class ChatStream:
     async def __anext__(self) -> ChatEvent:
         return await self._gen.__anext__()
 
+    def cancel(self) -> None:
+        """Free the slot now, without awaiting: safe inside an already-cancelled task's cleanup."""
+        if not self._seq.finished:
+            self._scheduler.cancel(self._seq)
+
     async def aclose(self) -> None:
         try:
             await self._gen.aclose()

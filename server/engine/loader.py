@@ -65,8 +65,10 @@ def load_chat_model(path: str, placement: Placement, *, cache_dir: str, max_mode
     started = time.monotonic()
     log.info("Loading chat model %s (device %s, dtype %s)...", path, placement.describe(),
              str(placement.dtype).removeprefix("torch."))
+    _quiet_bitsandbytes(placement)
     if path.endswith(".gguf"):
         model, family = _load_gguf(path, placement, Path(cache_dir))
+        config = model.config.to_dict()
     else:
         config = read_config(path)
         from server.families.chatglm3 import is_chatglm_config
@@ -76,6 +78,7 @@ def load_chat_model(path: str, placement: Placement, *, cache_dir: str, max_mode
         else:
             model, family = _load_hf(path, placement)
     model.eval()
+    weight_bytes = _weight_bytes(model, config, placement)
     context = _context_length(model.config)
     if max_model_len:
         context = min(context, max_model_len) if context else max_model_len
@@ -85,7 +88,7 @@ def load_chat_model(path: str, placement: Placement, *, cache_dir: str, max_mode
         context_length=context or 2048,
         vocab_size=int(model.config.vocab_size),
         placement=placement,
-        weight_bytes=int(model.get_memory_footprint()),
+        weight_bytes=weight_bytes,
         load_seconds=time.monotonic() - started,
         source=path,
     )
@@ -146,6 +149,33 @@ def _load_gguf(path: str, placement: Placement, cache_root: Path):
     else:
         log.info("Using the converted copy of %s in %s", gguf.name, cached)
     return _load_hf(str(cached), placement)
+
+
+def _quiet_bitsandbytes(placement: Placement) -> None:
+    qc = placement.quantization_config
+    if qc is not None and getattr(qc, "load_in_8bit", False) and placement.dtype != torch.float16:
+        # LLM.int8 multiplies in float16 and logs a warning about the cast in every layer at every step: say it once.
+        bnb_log = logging.getLogger("bitsandbytes.autograd._functions")
+        if _drop_int8_cast_warning not in bnb_log.filters:
+            bnb_log.addFilter(_drop_int8_cast_warning)
+        log.info("8-bit layers compute in float16 (LLM.int8); %s activations are cast at each of them.",
+                 str(placement.dtype).removeprefix("torch."))
+
+
+def _drop_int8_cast_warning(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
+
+
+def _weight_bytes(model, config: dict, placement: Placement) -> int:
+    """Measured weight memory (bitsandbytes scales included), logged next to the planner's estimate."""
+    from server.plan import estimate_loaded, gib, measured_weight_bytes
+
+    measured = measured_weight_bytes(model)
+    estimate = estimate_loaded(config, placement)
+    if estimate:
+        log.info("Weights: plan estimated %s, measured %s (%+.1f%%)", gib(estimate), gib(measured),
+                 100 * (estimate - measured) / measured)
+    return measured
 
 
 def _eos_ids(model) -> list[int]:

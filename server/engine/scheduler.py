@@ -82,6 +82,7 @@ class Scheduler:
         self.observer = observer  # metrics: on_step(running, waiting, kv_bytes), on_first_token(seq), ...
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self._accepted: set[Sequence] = set()  # submitted and not yet finished: waiting, prefilling or running
         self.kv = BatchKV()
         self._cond = threading.Condition()
         self._stopping = False
@@ -99,11 +100,12 @@ class Scheduler:
 
     def submit(self, seq: Sequence) -> None:
         with self._cond:
-            if len(self.waiting) >= self.max_waiting:
+            if len(self._accepted) >= self.max_running + self.max_waiting:
                 raise EngineOverloaded(
                     f"The server is at capacity ({len(self.running)} running, {len(self.waiting)} waiting). "
                     "Retry shortly or raise MAX_WAITING_REQUESTS."
                 )
+            self._accepted.add(seq)
             self.waiting.append(seq)
             self._cond.notify()
 
@@ -119,6 +121,11 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
+
+    def _release(self, seqs: list[Sequence]) -> None:
+        if seqs:
+            with self._cond:
+                self._accepted.difference_update(seqs)
 
     # -- the engine thread ------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -144,6 +151,7 @@ class Scheduler:
                 self.kv = BatchKV()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
+            self._release([s for s, out in outputs if out.finish_reason])
             if outputs:
                 self.publish(outputs)
             if self.observer is not None:
@@ -152,6 +160,10 @@ class Scheduler:
     def _drop_cancelled(self, outputs) -> None:
         with self._cond:
             if any(s.cancelled for s in self.waiting):
+                for s in self.waiting:
+                    if s.cancelled:
+                        s.finished = True
+                        outputs.append((s, StepOutput("", "abort", 0)))
                 self.waiting = deque(s for s in self.waiting if not s.cancelled)
         if any(s.cancelled for s in self.running):
             keep = [i for i, s in enumerate(self.running) if not s.cancelled]
@@ -169,6 +181,8 @@ class Scheduler:
                     return
                 seq = self.waiting.popleft()
             if seq.cancelled:
+                seq.finished = True
+                outputs.append((seq, StepOutput("", "abort", 0)))
                 continue
             try:
                 logits, cache = self._prefill(seq)
