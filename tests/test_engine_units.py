@@ -112,8 +112,11 @@ def test_batched_kv_decode_equals_single_sequence(lengths):
                 prompts, alone = prompts[1:], alone[1:]
 
 
-def test_flush_drops_an_incomplete_trailing_character():
+def test_incomplete_character_is_held_back_until_complete_or_flushed():
     data = "好".encode()  # three bytes: pretend each is one byte-fallback token
-    detok = IncrementalDetokenizer(lambda ids: bytes(data[i] for i in ids).decode("utf-8", errors="replace"))
+    decode = lambda ids: bytes(data[i] for i in ids).decode("utf-8", errors="replace")  # noqa: E731
+    detok = IncrementalDetokenizer(decode)
     assert detok.push(0) == "" and detok.push(1) == ""
-    assert detok.flush() == ""  # cut before the third byte: nothing, not U+FFFD
+    assert detok.flush() == decode([0, 1])  # cut mid-character: the same text a full decode gives
+    whole = IncrementalDetokenizer(decode)
+    assert [whole.push(i) for i in range(3)] == ["", "", "好"]

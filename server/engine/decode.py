@@ -47,17 +47,17 @@ class IncrementalDetokenizer:
         return full_text[len(prefix_text) :]
 
     def flush(self) -> str:
-        """Whatever is still held back at the end, less an incomplete trailing character.
+        """Whatever is still held back at the end, exactly as a full decode renders it.
 
-        A generation cut by max_tokens in the middle of a multi-byte character would otherwise end in U+FFFD.
+        A generation cut by max_tokens inside a multi-byte character therefore ends in U+FFFD, as the
+        non-streamed text does: the joined stream always equals the full decode.
         """
         if self._read == len(self.ids):
             return ""
         prefix_text = self._decode(self.ids[self._prefix : self._read])
         full_text = self._decode(self.ids[self._prefix :])
         self._read = len(self.ids)
-        tail = full_text[len(prefix_text) :] if full_text.startswith(prefix_text) else ""
-        return tail.rstrip(REPLACEMENT)
+        return full_text[len(prefix_text) :] if full_text.startswith(prefix_text) else ""
 
 
 class StopStrings:
