@@ -151,6 +151,7 @@ def test_conversation_stop_and_quit(server, terminal):
 def test_ctrl_c_at_the_prompt_then_eof(server, terminal):
     t = terminal("--base-url", server.base_url, "--max-tokens", "8")
     t.expect(r"you> ")
+    time.sleep(0.5)  # as a person would: the prompt is on screen a moment before Ctrl-C (the client is in input())
     t.send("\x03")
     t.expect(r"Ctrl-C again or /quit to leave")
     t.expect(r"you> ")
