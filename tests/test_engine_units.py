@@ -77,6 +77,17 @@ def test_seeded_sampling_is_reproducible_and_top_p_restricts():
     assert set(draws(1, top_k=1)) == {top}
 
 
+def test_tiny_temperature_samples_the_top_token_and_overflow_is_a_clear_error():
+    from server.engine.sampling import NonFiniteLogits
+
+    logits = torch.tensor([0.0, 50.0, 49.0, -3.0])
+    cold = Sampler(SamplingParams(temperature=1e-30, seed=0), [], 4, torch.device("cpu"))
+    assert cold.sample(logits) == 1  # (50 - 49) / 1e-30 is inf in float32; shifting by the maximum keeps it finite
+    overflow = Sampler(SamplingParams(temperature=1.0, repetition_penalty=1e-39), [1], 4, torch.device("cpu"))
+    with pytest.raises(NonFiniteLogits, match="repetition_penalty"):
+        overflow.sample(logits)  # 50 / 1e-39 = inf: no distribution to draw from
+
+
 @pytest.mark.parametrize("lengths", [[5, 9, 3], [7], [2, 2, 2, 11]])
 def test_batched_kv_decode_equals_single_sequence(lengths):
     from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import unicodedata
 from pathlib import Path
 
 import httpx
@@ -263,18 +262,12 @@ JSON_VALUES = st.recursive(
 NAMES = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,20}", fullmatch=True)
 
 
-def _nfkc_stable(key: str) -> bool:
-    return unicodedata.normalize("NFKC", key) == key
-
-
 @fuzz_settings(150)
-@given(name=NAMES, arguments=st.dictionaries(st.text(max_size=12).filter(_nfkc_stable), JSON_VALUES, max_size=5))
+@given(name=NAMES, arguments=st.dictionaries(st.text(max_size=12), JSON_VALUES, max_size=5))
 def test_rendered_tool_calls_parse_back(name, arguments):
     assert parse_tool_call(render_tool_call(name, arguments), name) == json.loads(json.dumps(arguments))
 
 
-@pytest.mark.xfail(strict=True, reason="render_tool_call writes 'µ=' as a keyword, and python reads identifiers "
-                   "NFKC-normalized ('μ', 'fi'): such keys need the **{...} form (families/chatglm3/tools.py)")
 @pytest.mark.parametrize("key", ["µ", "ﬁle", "ｘ"])
 def test_rendered_tool_call_keeps_keys_python_would_normalize(key):
     assert parse_tool_call(render_tool_call("f", {key: 1}), "f") == {key: 1}
@@ -334,3 +327,42 @@ def test_chatglm3_output_parser_is_chunking_invariant(text, cuts, reason):
     for _, arguments in calls:
         if arguments:
             assert isinstance(json.loads(arguments), dict)
+
+
+# ---- found by the fuzzer: a sampling error (NaN scores) once lost its request and leaked its slot ---------------
+
+
+def test_a_request_whose_sampling_fails_gets_an_error_and_frees_its_slot():
+    import threading
+    from types import SimpleNamespace
+
+    import torch
+
+    from server.engine.base import EngineOverloaded, SamplingParams
+    from server.engine.scheduler import Scheduler, Sequence
+
+    vocab = 16
+
+    def nan_model(input_ids, **_):  # what logits / 5e-324 (repetition_penalty) or / 1e-40 (temperature) became
+        return SimpleNamespace(logits=torch.full((1, input_ids.shape[1], vocab), float("nan")))
+
+    outputs, done = [], threading.Event()
+
+    def publish(batch):
+        outputs.extend(batch)
+        done.set()
+
+    scheduler = Scheduler(nan_model, lambda ids: "", device=torch.device("cpu"), vocab_size=vocab, publish=publish,
+                          max_running=1, max_waiting=1)
+    scheduler.start()
+    try:
+        for _ in range(3):  # more poisoned requests than there are slots
+            done.clear()
+            try:
+                scheduler.submit(Sequence([1, 2], SamplingParams(temperature=1.0), 4, set(), sink=lambda out: None))
+            except EngineOverloaded:
+                pytest.fail("the slots of failed requests were never given back")
+            assert done.wait(5), "the failed request got no output at all: its client would hang"
+        assert all(out.finish_reason == "error" for _, out in outputs)
+    finally:
+        scheduler.stop()

@@ -128,6 +128,10 @@ class ChatEngine(Protocol):
     def prepare(self, request: ChatRequest) -> PreparedChat:
         """Render and count the prompt; raise PromptTooLong / EngineError before anything streams."""
 
+    def prepare_choices(self, requests: list[ChatRequest]) -> list[PreparedChat]:
+        """`prepare` for the n choices of one request, which differ only in sampling: the prompt is rendered once.
+        Blocking (tokenizing a long prompt takes a while): call it in a worker thread."""
+
     def chat(self, prepared: PreparedChat) -> AsyncIterator[ChatEvent]:
         """Events for one choice, ending with exactly one Finished. Closing the iterator cancels the request."""
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from server.engine.base import (
     ChatEvent,
@@ -110,6 +111,12 @@ class LocalChatEngine:
         if room <= 0 or (wanted is not None and wanted > room):
             raise PromptTooLong(n, wanted or 0, self.context_length)
         return PreparedChat(request, prompt, wanted if wanted is not None else room)
+
+    def prepare_choices(self, requests: list[ChatRequest]) -> list[PreparedChat]:
+        first = self.prepare(requests[0])
+        # Each choice parses its own answer, so it gets a fresh parser of its own; the token ids are shared.
+        fresh = [replace(first.prompt, parser=copy.deepcopy(first.prompt.parser)) for _ in requests[1:]]
+        return [first] + [replace(first, request=r, prompt=p) for r, p in zip(requests[1:], fresh)]
 
     def chat(self, prepared: PreparedChat) -> ChatStream:
         """Queue the request now (so overload is a 429 before any byte streams) and return its events."""

@@ -13,6 +13,10 @@ import torch
 from server.engine.base import SamplingParams
 
 
+class NonFiniteLogits(ValueError):
+    """The scores to sample from are NaN or overflowed; no token can be drawn from them."""
+
+
 class Sampler:
     def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int, device: torch.device):
         self.params = params
@@ -53,7 +57,12 @@ class Sampler:
             logits = logits - p.frequency_penalty * self.counts - p.presence_penalty * (self.counts > 0).float()
         if p.greedy:
             return int(torch.argmax(logits))
-        logits = logits / p.temperature
+        # Shift by the maximum first so a small temperature cannot overflow finite scores into inf - inf = NaN.
+        top = logits.max()
+        if not torch.isfinite(top):
+            raise NonFiniteLogits("The next-token scores overflowed after the penalties; lower repetition_penalty "
+                                  "or the frequency/presence penalties.")
+        logits = (logits - top) / p.temperature
         if p.top_k > 0 and p.top_k < logits.numel():
             kth = torch.topk(logits, p.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -65,4 +74,6 @@ class Sampler:
             drop = cumulative - sorted_probs > p.top_p
             sorted_probs = sorted_probs.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0.0:
+            raise NonFiniteLogits("The next-token probabilities are not finite; check temperature and penalties.")
         return int(torch.multinomial(probs, 1, generator=self.generator))

@@ -21,7 +21,7 @@ from transformers import DynamicCache
 from server.engine.base import EngineOverloaded, SamplingParams
 from server.engine.decode import IncrementalDetokenizer, StopStrings
 from server.engine.kv_cache import BatchKV
-from server.engine.sampling import Sampler
+from server.engine.sampling import NonFiniteLogits, Sampler
 
 log = logging.getLogger("glm_serve.scheduler")
 
@@ -186,12 +186,12 @@ class Scheduler:
                 continue
             try:
                 logits, cache = self._prefill(seq)
+                out = self._accept(seq, self._sample([seq], logits[None])[0])
             except Exception as exc:
                 log.exception("prefill failed for request %s", seq.request_id)
                 seq.finished = True
                 outputs.append((seq, StepOutput("", "error", 0, error=str(exc))))
                 continue
-            out = self._accept(seq, self._sample([seq], logits[None])[0])
             outputs.append((seq, out))
             if not seq.finished:
                 self.running.append(seq)
@@ -227,22 +227,36 @@ class Scheduler:
             return {}
         return {"adapter_names": [s.adapter or "__base__" for s in seqs]}
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | Exception]:
+        """One token per row, or the error that row hit: one bad row must not end the whole batch."""
         if self.logits_hook is not None:
             logits = torch.stack([self.logits_hook(s, row) for s, row in zip(seqs, logits)])
-        plain = [i for i, s in enumerate(seqs) if s.sampler.is_plain_greedy]
-        tokens = [0] * len(seqs)
+        broken = torch.isnan(logits[:, : self.vocab_size]).any(dim=-1).tolist()
+        tokens: list[int | Exception] = [0] * len(seqs)
+        plain = [i for i, s in enumerate(seqs) if s.sampler.is_plain_greedy and not broken[i]]
         if plain:
             best = torch.argmax(logits[plain, : self.vocab_size], dim=-1).tolist()
             for i, tok in zip(plain, best):
                 tokens[i] = tok
         for i, seq in enumerate(seqs):
-            if not seq.sampler.is_plain_greedy:
-                tokens[i] = seq.sampler.sample(logits[i])
+            if broken[i]:
+                tokens[i] = NonFiniteLogits(
+                    "The model produced NaN scores for the next token (numerical overflow: try DTYPE=float32 "
+                    "or bfloat16 instead of float16)."
+                )
+            elif not seq.sampler.is_plain_greedy:
+                try:
+                    tokens[i] = seq.sampler.sample(logits[i])
+                except Exception as exc:  # noqa: BLE001 - reported to this request only
+                    log.warning("sampling failed for request %s: %s", seq.request_id, exc)
+                    tokens[i] = exc
         return tokens
 
-    def _accept(self, seq: Sequence, token: int) -> StepOutput:
-        """Account for one generated token; decide whether the sequence is done."""
+    def _accept(self, seq: Sequence, token: int | Exception) -> StepOutput:
+        """Account for one generated token (or its sampling error); decide whether the sequence is done."""
+        if isinstance(token, Exception):
+            seq.finished = True
+            return StepOutput("", "error", len(seq.generated), error=str(token))
         if seq.first_token_at is None:
             seq.first_token_at = time.monotonic()
         seq.generated.append(token)

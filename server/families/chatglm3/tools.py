@@ -14,6 +14,7 @@ import json
 import keyword
 import re
 import secrets
+import unicodedata
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -40,7 +41,7 @@ def render_tool_call(name: str, arguments: Mapping[str, Any]) -> str:
     """
     keywords: list[ast.keyword] = []
     for key, value in arguments.items():
-        if key.isidentifier() and not keyword.iskeyword(key):
+        if _plain_keyword(key):
             keywords.append(ast.keyword(arg=key, value=_literal_node(value)))
         elif keywords and keywords[-1].arg is None:
             keywords[-1].value.keys.append(_literal_node(key))
@@ -49,6 +50,11 @@ def render_tool_call(name: str, arguments: Mapping[str, Any]) -> str:
             keywords.append(ast.keyword(arg=None, value=_literal_node({key: value})))
     call = ast.Call(func=ast.Name(id=TOOL_CALL_FUNCTION, ctx=ast.Load()), args=[], keywords=keywords)
     return f"```python\n{ast.unparse(call)}\n```"
+
+
+def _plain_keyword(key: str) -> bool:
+    # Python reads identifiers NFKC-normalized ('µ' as 'μ', 'ﬁle' as 'file'): such keys would come back changed.
+    return key.isidentifier() and not keyword.iskeyword(key) and unicodedata.normalize("NFKC", key) == key
 
 
 def _literal_node(value: Any) -> ast.expr:
