@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import ctypes
 import logging
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,6 +43,7 @@ class SentenceEmbedder:
         self.max_batch_tokens = max_batch_tokens
         self._counter = copy.deepcopy(self.model.tokenizer)
         self._count_lock = threading.Lock()
+        self._trim_heap = None if device.startswith(("cuda", "mps")) else _heap_trimmer()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="glm-serve-embed")
         self._queue: asyncio.Queue[_Job] | None = None
         self._worker: asyncio.Task | None = None
@@ -99,6 +102,22 @@ class SentenceEmbedder:
                 start += len(job.texts)
 
     def _encode(self, texts: list[str]) -> np.ndarray:
-        return self.model.encode(
+        vectors = self.model.encode(
             texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
         ).astype(np.float32, copy=False)
+        if self._trim_heap is not None:
+            # On CPU every batch frees activations of a new shape, and glibc keeps the freed memory in its
+            # arenas: resident memory climbed ~50% per 1,000 requests and never came back. Returning it costs
+            # ~20 ms per batch on two cores (about 1% of the batch) and keeps the process flat.
+            self._trim_heap(0)
+        return vectors
+
+
+def _heap_trimmer():
+    """glibc's malloc_trim, or None where there is none (macOS, musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
