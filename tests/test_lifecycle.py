@@ -67,3 +67,25 @@ def _env():
     import os
 
     return {k: v for k, v in os.environ.items() if k not in ("MODEL_PATH", "API_KEYS", "API_KEYS_FILE")}
+
+
+def test_health_while_loading_and_after_a_failed_load_is_an_openai_error_without_the_reason():
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.config import Settings
+
+    failed = threading.Event()
+    app = create_app(Settings(model_path="/nonexistent/secret-dir/model", embedding_path="none"),
+                     on_load_failure=lambda reason: failed.set())
+    with TestClient(app) as client:
+        seen = [client.get("/health")]
+        assert failed.wait(120)  # set after the status turns "failed"
+        seen.append(client.get("/health"))
+    assert seen[-1].json()["status"] == "failed"
+    for r in seen:
+        body = r.json()
+        assert r.status_code == 503 and r.headers["retry-after"]
+        assert set(body["error"]) == {"message", "type", "param", "code"}
+        assert body["error"]["code"] in ("model_loading", "model_load_failed")
+        assert "secret-dir" not in r.text

@@ -48,12 +48,13 @@ async def get_model(model_id: str, request: Request):
 async def health(request: Request):
     state = request.app.state
     status = getattr(state, "status", "ready")
-    body = {"status": status}
     if status == "ready":
-        return body
-    if getattr(state, "load_error", None):
-        body["error"] = state.load_error
-    return JSONResponse(body, status_code=503)
+        return {"status": status}
+    # /health is open even when API keys are set, so the load failure's reason (paths, hub ids) stays in the log.
+    message = ("The model failed to load; the server log says why." if status == "failed"
+               else "The model is still loading. Retry in a few seconds.")
+    error = APIError(503, message, code="model_load_failed" if status == "failed" else "model_loading")
+    return JSONResponse({"status": status, **error.body()}, status_code=503, headers={"Retry-After": "5"})
 
 
 @router.get("/metrics")
