@@ -83,6 +83,10 @@ def _install_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> N
                            expose_headers=["X-Request-ID", "Retry-After"])
 
 
+_PAGE_POLICY = ("default-src 'self'; img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; "
+                "base-uri 'none'; form-action 'none'")
+
+
 def _mount_web_ui(app: FastAPI) -> None:
     static = Path(__file__).parent / "static"
     if not (static / "index.html").exists():
@@ -94,7 +98,10 @@ def _mount_web_ui(app: FastAPI) -> None:
 
     @app.get("/", include_in_schema=False)
     async def index():
-        return FileResponse(static / "index.html")
+        # The page renders model output: even if some markup slipped past the escaping, no script but our own
+        # file runs, nothing loads from elsewhere, and no other site can frame the page (and its API key field).
+        return FileResponse(static / "index.html", headers={"Content-Security-Policy": _PAGE_POLICY,
+                                                             "X-Content-Type-Options": "nosniff"})
 
 
 async def _attach(app: FastAPI, settings: Settings, engine, embedder) -> None:

@@ -229,6 +229,20 @@ def test_zhipuai_style_nulls_and_extras_are_tolerated(server):
     assert r.json()["choices"][0]["message"]["content"]
 
 
+def test_chat_page_runs_only_its_own_script():
+    """The browser tests (test_web_ui.py) run the page under this policy, so it is known to still work."""
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.config import Settings
+
+    page = TestClient(create_app(Settings(embedding_path="none"))).get("/")  # no lifespan: nothing loads
+    assert page.status_code == 200 and '<script src="static/app.js">' in page.text
+    policy = dict(p.strip().split(" ", 1) for p in page.headers["content-security-policy"].split(";"))
+    assert policy["default-src"] == "'self'" and "script-src" not in policy  # so scripts: our origin only
+    assert policy["frame-ancestors"] == "'none'" and page.headers["x-content-type-options"] == "nosniff"
+
+
 def test_health_and_request_id(server):
     r = httpx.get(server.url + "/health")
     assert r.status_code == 200 and r.json()["status"] == "ready"

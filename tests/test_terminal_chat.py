@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import codecs
 import fcntl
-import json
 import os
 import re
 import select
@@ -12,14 +11,14 @@ import signal
 import subprocess
 import sys
 import termios
-import threading
 import time
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from contextlib import nullcontext
 
 import httpx
 import pytest
 
+from tests import full_server
+from tests.full_server import FULL, KEY, MODEL, REJECTED, server_full
 from tests.support import ARTIFACTS, REPO, free_port
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
@@ -184,59 +183,39 @@ def test_errors_in_plain_words(server, terminal):
     assert "Traceback" not in t.text
 
 
-@contextmanager
-def error_server(status: int, message: str, code: str | None = None, headers: dict | None = None):
-    """A stand-in server: lists one model and answers every chat request with `status` and the error JSON.
-
-    Yields its URL and the Authorization headers it saw on chat requests.
-    """
-    seen: list[str | None] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def _send(self, status: int, body: dict, extra: dict | None = None) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            for k, v in {"Content-Type": "application/json", "Content-Length": str(len(data)), **(extra or {})}.items():
-                self.send_header(k, v)
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self):  # noqa: N802
-            self._send(200, {"object": "list", "data": [{"id": "stub", "object": "model", "owned_by": "test"}]})
-
-        def do_POST(self):  # noqa: N802
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            seen.append(self.headers.get("Authorization"))
-            self._send(status, {"error": {"message": message, "type": "x", "param": None, "code": code}}, headers)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}/v1", seen
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+# ---- 401 and 429 from a second real server: keys on, the smallest capacity ---------------------------------
 
 
-@pytest.mark.parametrize(("status", "headers", "expected"), [
-    (401, None, r"API key missing or wrong \(pass --api-key or set OPENAI_API_KEY\)\. Server said: Nope\."),
-    (429, {"Retry-After": "7"}, r"The server is busy\. Nope\. Try again in 7 s\."),
+@pytest.fixture(scope="module")
+def keyed_server():
+    with full_server.keyed_server("terminal-keyed", WEB_UI="false") as srv:
+        yield srv
+
+
+@pytest.mark.parametrize(("key", "expected"), [
+    ("sk-wrong", f"API key missing or wrong (pass --api-key or set OPENAI_API_KEY). Server said: {REJECTED}"),
+    (KEY, f"The server is busy. {FULL} Try again in 1 s."),
 ], ids=["401", "429"])
-def test_auth_and_overload_errors(terminal, status, headers, expected):
-    with error_server(status, "Nope.", headers=headers) as (base_url, authorization):
-        t = terminal("--base-url", base_url, "--api-key", "sk-wrong")
-        t.expect(r"you> ")
+def test_auth_and_overload_errors(keyed_server, terminal, key, expected):
+    # --model: without it a wrong key is refused already for the model list (test_wrong_key_at_start).
+    t = terminal("--base-url", keyed_server.base_url, "--api-key", key, "--model", MODEL)
+    t.expect(rf"Chatting with {MODEL}")
+    t.expect(r"you> ")
+    with server_full(keyed_server) if key == KEY else nullcontext():
         t.send("Hello\r")
-        t.expect(expected)
-        assert authorization == ["Bearer sk-wrong"]
-        t.expect(r"you> ")
-        t.send("/quit\r")
-        assert t.wait() == 0
-        assert "Traceback" not in t.text
+        t.expect(r"assistant> \n" + re.escape(expected) + r"\n")
+    t.expect(r"you> ")  # still chatting
+    t.send("/quit\r")
+    assert t.wait() == 0
+    assert "Traceback" not in t.text
+
+
+def test_wrong_key_at_start(keyed_server, terminal):
+    t = terminal("--base-url", keyed_server.base_url, "--api-key", "sk-wrong")
+    t.expect(re.escape(f"API key missing or wrong (pass --api-key or set OPENAI_API_KEY). Server said: {REJECTED}"),
+             timeout=30)
+    assert t.wait() == 1
+    assert "Traceback" not in t.text
 
 
 def test_no_server(terminal):

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
-import threading
 import time
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+from contextlib import nullcontext
 
 import httpx
 import pytest
 
-from tests.support import ARTIFACTS, REPO
+from tests import full_server
+from tests.full_server import FULL, KEY, REJECTED, server_full
+from tests.support import ARTIFACTS
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -27,7 +25,6 @@ from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 
-STATIC = REPO / "server" / "static"
 MODEL = "SmolLM2-135M-Instruct"
 
 
@@ -47,10 +44,12 @@ def browser(tmp_path_factory):
 
 
 class Page:
-    def __init__(self, driver, url: str):
+    def __init__(self, driver, url: str, api_key: str = ""):
         self.d = driver
         driver.get(url)
-        driver.execute_script("localStorage.clear()")
+        driver.execute_script("localStorage.clear();"  # the page reads its saved key as JSON
+                              "if (arguments[0]) localStorage['glm-serve.chat.apiKey'] = JSON.stringify(arguments[0])",
+                              api_key)
         driver.refresh()
         self.until(lambda: self.d.execute_script("return document.getElementById('model').options.length"
                                                  " || document.querySelector('.msg.error')"))
@@ -178,59 +177,41 @@ def test_context_too_long_in_plain_words(server, browser):
     assert not page.texts(".msg.user")
 
 
-@contextmanager
-def stub_server(status: int, message: str, headers: dict | None = None):
-    """Serves the page's files, lists one model, and answers every chat request with `status`.
-
-    Yields its URL and the Authorization headers it saw on chat requests.
-    """
-    seen: list[str | None] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def _send(self, status: int, data: bytes, content_type: str, extra: dict | None = None) -> None:
-            self.send_response(status)
-            for k, v in {"Content-Type": content_type, "Content-Length": str(len(data)), **(extra or {})}.items():
-                self.send_header(k, v)
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self):  # noqa: N802
-            if self.path == "/v1/models":
-                body = {"object": "list", "data": [{"id": "stub", "object": "model", "owned_by": "test"}]}
-                return self._send(200, json.dumps(body).encode(), "application/json")
-            name = "index.html" if self.path == "/" else Path(self.path).name
-            types = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
-            self._send(200, (STATIC / name).read_bytes(), types[Path(name).suffix] + "; charset=utf-8")
-
-        def do_POST(self):  # noqa: N802
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            seen.append(self.headers.get("Authorization"))
-            body = {"error": {"message": message, "type": "x", "param": None, "code": None}}
-            self._send(status, json.dumps(body).encode(), "application/json", headers)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}", seen
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+# ---- 401, 429 and a server that is gone, from a second real server: keys on, the smallest capacity ----------
 
 
-@pytest.mark.parametrize(("status", "message", "headers", "expected"), [
-    (401, "Invalid API key.", None, "API key missing or wrong: enter it in the API key field. (Invalid API key.)"),
-    (429, "Too many requests.", {"Retry-After": "7"}, "The server is busy. Too many requests. Try again in 7 s."),
+@pytest.fixture(scope="module")
+def keyed_server():
+    with full_server.keyed_server("web-ui-keyed") as srv:
+        yield srv
+
+
+@pytest.mark.parametrize(("key", "expected"), [
+    ("sk-wrong", f"API key missing or wrong: enter it in the API key field. ({REJECTED})"),
+    (KEY, f"The server is busy. {FULL} Try again in 1 s."),
 ], ids=["401", "429"])
-def test_auth_and_overload_errors_in_plain_words(browser, status, message, headers, expected):
-    with stub_server(status, message, headers) as (url, authorization):
-        page = Page(browser, url + "/")
-        page.set("#api-key", "sk-wrong")
-        page.ask("Hello")
-        page.until(lambda: page.texts(".msg.error"), 30, "the error")
-        assert page.texts(".msg.error") == [expected]
-        assert authorization == ["Bearer sk-wrong"]
-    page.el("#send").click()  # the stub is gone now
-    page.until(lambda: len(page.texts(".msg.error")) == 1 and "Cannot reach" in page.texts(".msg.error")[0], 30)
+def test_auth_and_overload_errors_in_plain_words(keyed_server, browser, key, expected):
+    page = Page(browser, keyed_server.url + "/", api_key=key)
+    if key == KEY:  # the model list loads; then every slot is taken
+        assert page.d.execute_script("return Array.from(document.getElementById('model').options, o => o.value)") \
+            == [MODEL] and not page.texts(".msg.error")
+        busy = server_full(keyed_server)
+    else:  # refused already for the model list
+        assert page.texts(".msg.error") == [f"Could not list the models. {expected}"]
+        busy = nullcontext()
+    with busy:
+        page.el("#input").send_keys("Hello" + Keys.ENTER)  # the page drops the old error note when it sends
+        page.until(lambda: not page.busy() and page.texts(".msg.error") == [expected], 30, "the error")
+    assert page.el("#input").get_attribute("value") == "Hello"  # given back to resend
+    assert not page.texts(".msg.user")
+
+
+def test_server_gone_in_plain_words(keyed_server, browser):
+    # Stops the module's keyed server: keep this test after every other one that uses it.
+    page = Page(browser, keyed_server.url + "/", api_key=KEY)
+    assert page.d.execute_script("return document.getElementById('model').options.length") == 1
+    keyed_server.stop()
+    page.el("#input").send_keys("Hello" + Keys.ENTER)
+    page.until(lambda: not page.busy() and page.texts(".msg.error"), 30, "the error")
+    assert page.texts(".msg.error") == ["Cannot reach the server. Is it running? 无法连接服务器。"]
+    assert page.el("#input").get_attribute("value") == "Hello"
