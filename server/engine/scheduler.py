@@ -151,11 +151,15 @@ class Scheduler:
                 self.kv = BatchKV()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-            self._release([s for s, out in outputs if out.finish_reason])
-            if outputs:
-                self.publish(outputs)
+            self._emit(outputs)
             if self.observer is not None:
                 self.observer.on_step(len(self.running), len(self.waiting), self.kv.nbytes())
+
+    def _emit(self, outputs: list[tuple[Sequence, StepOutput]]) -> None:
+        self._release([s for s, out in outputs if out.finish_reason])
+        if outputs:
+            self.publish(outputs[:])
+            outputs.clear()
 
     def _drop_cancelled(self, outputs) -> None:
         with self._cond:
@@ -196,6 +200,8 @@ class Scheduler:
             if not seq.finished:
                 self.running.append(seq)
                 self.kv.add(cache)
+            # Its first token goes out now, not after everyone else admitted with it has been prefilled too.
+            self._emit(outputs)
 
     def _prefill(self, seq: Sequence):
         seq.sampler = Sampler(seq.params, seq.prompt_ids, self.vocab_size, self.device)
