@@ -120,14 +120,16 @@ def glm_engine_factory():
     loaded = load_chat_model(str(CHATGLM3_FIXTURES / "tiny-chatglm3"), place("cpu", "float32"), cache_dir="/tmp")
     tok = loaded.family.tokenizer
 
-    def serve(answer_metadata: str, answer_body: str):
+    def serve(answer_metadata: str, answer_body: str, hook=None):
         ids = tok.sp_encode(answer_metadata + "\n") + tok.sp_encode(answer_body) + [tok.observation_token_id]
         body_only = tok.sp_encode(answer_body) + [tok.observation_token_id]
 
-        def hook(seq, logits):
+        def forced_answer(seq, logits):
             # With a forced tool (named tool_choice) the prompt already ends in the metadata line.
             forced = ids if seq.prompt_ids[-1] == tok.assistant_token_id else body_only
             return ForcedAnswer(forced)(seq, logits)
+
+        hook = hook or forced_answer
 
         from server.app import create_app
 
@@ -135,6 +137,7 @@ def glm_engine_factory():
         settings = Settings(embedding_path="none", web_ui=False)
         return ThreadedServer(create_app(settings, engine=engine))
 
+    serve.tokenizer = tok
     return serve
 
 
@@ -201,3 +204,54 @@ def test_malicious_tool_call_is_plain_text_and_never_runs(glm_engine_factory, tm
         assert r.choices[0].finish_reason == "stop" and not r.choices[0].message.tool_calls
         assert "__import__" in r.choices[0].message.content
     assert not marker.exists()
+
+
+TIME_TOOL = {"type": "function", "function": {"name": "get_time", "description": "The time in a city",
+                                              "parameters": {"type": "object", "properties": {}}}}
+
+
+def test_required_tool_choice_constrains_the_metadata_line_to_a_tool_name(glm_engine_factory):
+    """The model (steered by a hook) would rather answer in text; "required" must still get one of the tools."""
+    tok = glm_engine_factory.tokenizer
+    names = ["get_current_weather", "get_time"]
+    text_answer = tok.sp_encode("\n") + tok.sp_encode("It is sunny.")  # empty metadata line: plain text
+    metadata_lines = [tok.sp_encode(f"{name}\n") for name in names]
+    body = tok.sp_encode(CALL) + [tok.observation_token_id]
+
+    def force(token, logits):
+        forced = torch.full_like(logits, float("-inf"))
+        forced[token] = 0.0
+        return forced
+
+    def prefers_text(seq, logits):
+        done = seq.generated
+        for line in metadata_lines:  # a tool's metadata line is written: what follows is the call
+            if done[: len(line)] == line:
+                return force(body[min(len(done) - len(line), len(body) - 1)], logits)
+        if done == text_answer:
+            return force(tok.eos_token_id, logits)
+        steered = logits.clone()  # a strong preference, not a force: the constraint may still overrule it
+        if len(done) < len(text_answer) and done == text_answer[: len(done)]:
+            steered[text_answer[len(done)]] += 100.0
+        return steered
+
+    with glm_engine_factory("unused", CALL, hook=prefers_text) as srv:
+        client = openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0)
+        msgs = [{"role": "user", "content": "北京天气怎么样？"}]
+        tools = [WEATHER_TOOL, TIME_TOOL]
+        auto = client.chat.completions.create(model="chatglm3-6b", messages=msgs, tools=tools, max_tokens=40)
+        assert auto.choices[0].message.content == "It is sunny." and not auto.choices[0].message.tool_calls
+
+        required = client.chat.completions.create(model="chatglm3-6b", messages=msgs, tools=tools,
+                                                  tool_choice="required", max_tokens=80, temperature=0)
+        choice = required.choices[0]
+        assert choice.finish_reason == "tool_calls" and not choice.message.content, choice
+        assert choice.message.tool_calls[0].function.name in names
+        assert json.loads(choice.message.tool_calls[0].function.arguments) == ARGS
+
+        chunks = list(client.chat.completions.create(model="chatglm3-6b", messages=msgs, tools=tools,
+                                                     tool_choice="required", max_tokens=80, temperature=0,
+                                                     stream=True))
+        calls = [d.tool_calls[0] for c in chunks if c.choices for d in [c.choices[0].delta] if d.tool_calls]
+        assert calls[0].function.name == choice.message.tool_calls[0].function.name  # greedy: the same tool
+        assert json.loads("".join(c.function.arguments or "" for c in calls)) == ARGS

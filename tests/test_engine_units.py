@@ -131,3 +131,39 @@ def test_incomplete_character_is_held_back_until_complete_or_flushed():
     assert detok.flush() == decode([0, 1])  # cut mid-character: the same text a full decode gives
     whole = IncrementalDetokenizer(decode)
     assert [whole.push(i) for i in range(3)] == ["", "", "好"]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_forced_prefixes_hold_for_greedy_and_sampled_rows_alike(temperature):
+    import threading
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from server.engine.scheduler import Scheduler, Sequence
+
+    vocab = 32
+    torch.manual_seed(0)  # a real (random, tiny) model: its own preferences, real KV cache, batched decode
+    random_model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32,
+                                                num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+
+    finished, answers = threading.Event(), {}
+
+    def publish(batch):
+        for seq, out in batch:
+            if out.finish_reason:
+                answers[id(seq)] = (list(seq.generated), out.finish_reason)
+        if len(answers) == 8:
+            finished.set()
+
+    prefixes = [[5, 6, 7], [5, 9], [11]]
+    scheduler = Scheduler(random_model, lambda ids: "", device=torch.device("cpu"), vocab_size=vocab, publish=publish)
+    scheduler.start()
+    try:
+        for seed in range(8):
+            scheduler.submit(Sequence([1, 2, 3], SamplingParams(temperature=temperature, seed=seed), 6, set(),
+                                      sink=lambda out: None, forced_prefixes=prefixes))
+        assert finished.wait(30)
+    finally:
+        scheduler.stop()
+    for generated, reason in answers.values():
+        assert reason == "length" and any(generated[: len(p)] == p for p in prefixes), generated

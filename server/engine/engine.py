@@ -130,6 +130,7 @@ class LocalChatEngine:
             sink=queue.put_nowait,
             adapter=self._adapter_keys.get(req.adapter) if req.adapter else None,
             request_id=req.request_id,
+            forced_prefixes=prepared.prompt.forced_prefixes,
         )
         self.scheduler.submit(seq)  # raises EngineOverloaded
         return ChatStream(self, seq, queue, prepared)

@@ -43,6 +43,7 @@ class Sequence:
     sink: Callable[[StepOutput], None]  # called on the event loop thread
     adapter: str | None = None
     request_id: str = ""
+    forced_prefixes: list[list[int]] = field(default_factory=list)  # the answer starts with one of these
     generated: list[int] = field(default_factory=list)
     cancelled: bool = False
     finished: bool = False
@@ -52,6 +53,18 @@ class Sequence:
     sampler: Sampler | None = None
     detok: IncrementalDetokenizer | None = None
     stops: StopStrings | None = None
+
+
+    def allowed_next(self) -> list[int]:
+        """The tokens that keep the answer on one of `forced_prefixes`; [] once one is complete (or none given)."""
+        if not self.forced_prefixes:
+            return []
+        n, done = len(self.generated), self.generated
+        allowed = {p[n] for p in self.forced_prefixes if len(p) > n and p[:n] == done}
+        if not allowed or any(p == done for p in self.forced_prefixes):
+            self.forced_prefixes = []
+            return []
+        return sorted(allowed)
 
 
 LogitsHook = Callable[[Sequence, torch.Tensor], torch.Tensor]
@@ -237,6 +250,12 @@ class Scheduler:
         """One token per row, or the error that row hit: one bad row must not end the whole batch."""
         if self.logits_hook is not None:
             logits = torch.stack([self.logits_hook(s, row) for s, row in zip(seqs, logits)])
+        for i, seq in enumerate(seqs):
+            if allowed := seq.allowed_next():
+                keep = torch.tensor(allowed, device=logits.device)
+                row = torch.full_like(logits[i], float("-inf"))
+                row[keep] = logits[i, keep]
+                logits[i] = row
         broken = torch.isnan(logits[:, : self.vocab_size]).any(dim=-1).tolist()
         tokens: list[int | Exception] = [0] * len(seqs)
         plain = [i for i, s in enumerate(seqs) if s.sampler.is_plain_greedy and not broken[i]]

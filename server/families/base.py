@@ -39,6 +39,9 @@ class Prompt:
     parser: OutputParser
     # Extra token ids that end generation for this request (besides the family's eos ids).
     stop_token_ids: set[int] = field(default_factory=set)
+    # The answer must begin with one of these id sequences (e.g. the metadata line of one of the tools, for
+    # tool_choice "required"); empty: no constraint.
+    forced_prefixes: list[list[int]] = field(default_factory=list)
 
 
 class TokenizerLike(Protocol):

@@ -28,7 +28,11 @@ class ChatGLM3Family:
         conversation = from_openai(request.messages, request.tools, request.tool_choice)
         ids = build_messages(self.tokenizer, conversation.messages, metadata=conversation.forced_tool)
         parser = ChatGLM3OutputParser(conversation.tool_names, forced_tool=conversation.forced_tool)
-        return Prompt(token_ids=ids, parser=parser)
+        # "required": the metadata line the model writes must be one of the tools' names, tokenized as in the
+        # prompts it was trained on (build_single_message); the model still picks which tool.
+        prefixes = [self.tokenizer.sp_encode(f"{name}\n") for name in conversation.tool_names] \
+            if conversation.must_call else []
+        return Prompt(token_ids=ids, parser=parser, forced_prefixes=prefixes)
 
     def decode(self, token_ids: list[int]) -> str:
         """Generated text for the parser: specials dropped, except <|assistant|>, which starts a new message.

@@ -55,6 +55,7 @@ class ChatGLM3Conversation:
     messages: list[dict[str, Any]]
     tool_names: list[str] = field(default_factory=list)  # tools offered in the system turn
     forced_tool: str | None = None  # metadata appended after the final <|assistant|>
+    must_call: bool = False  # tool_choice "required" with several tools: the answer must start with a tool's name
 
 
 def from_openai(
@@ -68,6 +69,7 @@ def from_openai(
     functions = [_function_spec(f) for f in flatten_tools(tools)]
     names = [f["name"] for f in functions]
     offered, forced = _choose_tools(functions, names, tool_choice)
+    must_call = tool_choice == "required" and forced is None
 
     out: list[dict[str, Any]] = []
     rest = list(messages)
@@ -79,7 +81,7 @@ def from_openai(
         out.append({"role": "system", "content": system, "tools": offered})
     for i, message in enumerate(rest):
         out += _translate(message, i + len(messages) - len(rest))
-    return ChatGLM3Conversation(out, [f["name"] for f in offered], forced)
+    return ChatGLM3Conversation(out, [f["name"] for f in offered], forced, must_call)
 
 
 def _translate(message: dict[str, Any], i: int) -> list[dict[str, Any]]:
@@ -127,8 +129,8 @@ def _choose_tools(functions, names, tool_choice) -> tuple[list[dict[str, Any]], 
     if tool_choice == "required":
         if not functions:
             raise EngineError('tool_choice "required" needs at least one tool', param="tool_choice")
-        # One tool: force it. Several: ChatGLM3 has no way to force "some tool" without constrained decoding,
-        # so the model chooses, as with "auto".
+        # One tool: force it. Several: the model chooses which, but its metadata line is constrained to a tool
+        # name (ChatGLM3Conversation.must_call).
         return functions, names[0] if len(names) == 1 else None
     raise EngineError(f"unsupported tool_choice {tool_choice!r}", param="tool_choice")
 
