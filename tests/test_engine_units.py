@@ -167,3 +167,24 @@ def test_forced_prefixes_hold_for_greedy_and_sampled_rows_alike(temperature):
         scheduler.stop()
     for generated, reason in answers.values():
         assert reason == "length" and any(generated[: len(p)] == p for p in prefixes), generated
+
+
+def test_chat_template_models_refuse_a_forced_tool_call_they_cannot_return():
+    from types import SimpleNamespace
+
+    from server.engine.base import ChatRequest, EngineError, SamplingParams
+    from server.families.chat_template import ChatTemplateFamily
+
+    shown = []
+    tokenizer = SimpleNamespace(  # a tool-capable template; only the family's own decisions are under test here
+        chat_template="{% if tools %}tools{% endif %}", eos_token_id=0,
+        apply_chat_template=lambda messages, tools=None, **kw: shown.append(tools) or [1, 2, 3])
+    family = ChatTemplateFamily(tokenizer, [0])
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    msgs = [{"role": "user", "content": "hi"}]
+    for choice in ("required", {"type": "function", "function": {"name": "f"}}):
+        with pytest.raises(EngineError, match="cannot force a tool call") as err:
+            family.build_prompt(ChatRequest(msgs, SamplingParams(), tools=tools, tool_choice=choice))
+        assert err.value.param == "tool_choice"
+    assert family.build_prompt(ChatRequest(msgs, SamplingParams(), tools=tools, tool_choice="auto")).token_ids
+    assert shown == [tools]

@@ -38,6 +38,14 @@ class ChatTemplateFamily:
                 "or serve a model with tool support such as ChatGLM3.",
                 param="tools",
             )
+        if tools and (request.tool_choice == "required" or isinstance(request.tool_choice, dict)):
+            # The template shows the tools, but this family reads answers as text: a call cannot be forced or
+            # returned as tool_calls, and silently answering in text would break the client's contract.
+            raise EngineError(
+                "This model's answers are returned as text, so tool_choice cannot force a tool call. Use "
+                "tool_choice 'auto' (the tools are shown in the prompt) or serve ChatGLM3 for real tool calls.",
+                param="tool_choice",
+            )
         messages = [self._message(m) for m in request.messages]
         try:
             ids = self.tokenizer.apply_chat_template(
