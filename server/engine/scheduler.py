@@ -54,7 +54,6 @@ class Sequence:
     detok: IncrementalDetokenizer | None = None
     stops: StopStrings | None = None
 
-
     def allowed_next(self) -> list[int]:
         """The tokens that keep the answer on one of `forced_prefixes`; [] once one is complete (or none given)."""
         if not self.forced_prefixes:
