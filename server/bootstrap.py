@@ -37,6 +37,7 @@ def build_engine(settings: Settings, metrics=None, *, logits_hook=None):
         adapters=adapters,
         max_running=settings.max_running_requests,
         max_waiting=settings.max_waiting_requests,
+        max_prefill_tokens=settings.max_prefill_tokens,
         request_timeout=settings.request_timeout,
         logits_hook=logits_hook,
         observer=metrics,
@@ -102,7 +103,7 @@ def startup_summary(settings: Settings, engine, embedder) -> str:
         f"  weights      {loaded.weight_bytes / 2**20:,.0f} MiB   context {loaded.context_length} tokens"
         f"   loaded in {loaded.load_seconds:.1f} s",
         f"  batching     {settings.max_running_requests} running, {settings.max_waiting_requests} waiting, "
-        f"timeout {settings.request_timeout:g} s",
+        f"prefill chunks {settings.max_prefill_tokens or 'off'}, timeout {settings.request_timeout:g} s",
     ]
     if engine.adapters:
         lines.append(f"  LoRA         {', '.join(engine.adapters)}  (model ids on the shared base, unmerged)")

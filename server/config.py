@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     max_model_len: int = Field(0, description="context length cap (0: the model's own)")
     max_running_requests: int = Field(16, description="sequences decoded together in one batch")
     max_waiting_requests: int = Field(64, description="requests queued before answering 429")
+    max_prefill_tokens: int = Field(
+        512, ge=0, description="while others are generating, a longer prompt is prefilled in chunks of this many "
+        "tokens with a decode step between them (chunked prefill), so their streams pause for a chunk at a time; "
+        "0: whole prompts")
     request_timeout: float = Field(600.0, description="seconds a request may take before it is aborted")
     api_keys: str = Field("", description="comma-separated API keys (any string, or ZhipuAI-style id.secret); "
                           "empty: no auth")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -188,3 +190,68 @@ def test_chat_template_models_refuse_a_forced_tool_call_they_cannot_return():
         assert err.value.param == "tool_choice"
     assert family.build_prompt(ChatRequest(msgs, SamplingParams(), tools=tools, tool_choice="auto")).token_ids
     assert shown == [tools]
+
+
+def _tiny_model(kind: str):
+    if kind == "chatglm3":
+        from tests.support import CHATGLM3_FIXTURES
+
+        if not CHATGLM3_FIXTURES.exists():
+            pytest.skip("no ChatGLM3 fixtures")
+        from server.engine.device import place
+        from server.engine.loader import load_chat_model
+
+        loaded = load_chat_model(str(CHATGLM3_FIXTURES / "tiny-chatglm3"), place("cpu", "float32"), cache_dir="/tmp")
+        return loaded.model, loaded.model.config.vocab_size
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval(), 64
+
+
+def _greedy_answers(model, vocab: int, prompts: list[list[int]], max_prefill_tokens: int, seen: list[int]):
+    """Run `prompts` through a real Scheduler, the first alone for a while so the others join a running batch."""
+    import threading
+
+    from server.engine.scheduler import Scheduler, Sequence
+
+    answers, done = {}, threading.Event()
+
+    def publish(batch):
+        for seq, out in batch:
+            if out.finish_reason:
+                answers[seq.request_id] = list(seq.generated)
+        if len(answers) == len(prompts):
+            done.set()
+
+    def recording(input_ids, **kw):
+        seen.append(input_ids.shape[1])
+        return model(input_ids=input_ids, **kw)
+
+    scheduler = Scheduler(recording, lambda ids: "", device=torch.device("cpu"), vocab_size=vocab, publish=publish,
+                          max_prefill_tokens=max_prefill_tokens)
+    scheduler.start()
+    try:
+        for i, prompt in enumerate(prompts):
+            # The first generates long enough to still be running while the others are prefilled.
+            scheduler.submit(Sequence(prompt, SamplingParams(temperature=0), 300 if i == 0 else 12, set(),
+                                      sink=lambda out: None, request_id=str(i)))
+            if i == 0:
+                while not scheduler.running:  # the first is generating before the long ones arrive
+                    time.sleep(0.01)
+        assert done.wait(120)
+    finally:
+        scheduler.stop()
+    return [answers[str(i)] for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("kind", ["llama", "chatglm3"])
+def test_chunked_prefill_answers_exactly_as_whole_prompts(kind):
+    model, vocab = _tiny_model(kind)
+    rng = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, min(vocab, 5000), (n,), generator=rng).tolist() for n in (5, 40, 23)]
+    whole, chunked = [], []
+    reference = _greedy_answers(model, vocab, prompts, 0, whole)
+    assert _greedy_answers(model, vocab, prompts, 7, chunked) == reference
+    assert max(whole) == 40 and max(chunked) == 7  # the long prompts really went in chunks of at most 7 tokens

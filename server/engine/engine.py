@@ -55,6 +55,7 @@ class LocalChatEngine:
         adapters: list[str] | Mapping[str, str] | None = None,
         max_running: int = 16,
         max_waiting: int = 64,
+        max_prefill_tokens: int = 0,
         request_timeout: float = 600.0,
         logits_hook=None,
         observer=None,
@@ -78,6 +79,7 @@ class LocalChatEngine:
             publish=self._publish,
             max_running=max_running,
             max_waiting=max_waiting,
+            max_prefill_tokens=max_prefill_tokens,
             logits_hook=logits_hook,
             observer=observer,
         )

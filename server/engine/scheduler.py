@@ -1,8 +1,10 @@
 """Continuous batching on one engine thread.
 
 Between two decode steps, waiting sequences are prefilled and join the running batch; finished or
-cancelled ones leave it. Every sequence keeps its own sampling state, stop strings and token
-budget. Results cross back to the event loop once per step through `publish`.
+cancelled ones leave it. While others are generating, a prompt longer than `max_prefill_tokens` is
+prefilled one chunk per step, so it delays their next tokens by one chunk at a time, not by all of it.
+Every sequence keeps its own sampling state, stop strings and token budget. Results cross back to the
+event loop through `publish`: a newcomer's first token as soon as it is sampled, the rest once per step.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ class Sequence:
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     # engine-thread state, built at admission
+    prefilled: int = 0  # prompt tokens already in prefill_cache
+    prefill_cache: DynamicCache | None = None
     sampler: Sampler | None = None
     detok: IncrementalDetokenizer | None = None
     stops: StopStrings | None = None
@@ -80,6 +84,7 @@ class Scheduler:
         publish: Callable[[list[tuple[Sequence, StepOutput]]], None],
         max_running: int = 16,
         max_waiting: int = 64,
+        max_prefill_tokens: int = 0,
         logits_hook: LogitsHook | None = None,
         observer=None,
     ):
@@ -90,10 +95,12 @@ class Scheduler:
         self.publish = publish
         self.max_running = max_running
         self.max_waiting = max_waiting
+        self.max_prefill_tokens = max_prefill_tokens  # chunk size for long prompts; 0: whole prompts
         self.logits_hook = logits_hook
         self.observer = observer  # metrics: on_step(running, waiting, kv_bytes), on_first_token(seq), ...
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.prefilling: Sequence | None = None  # admitted, its prompt partly prefilled (chunked prefill)
         self._accepted: set[Sequence] = set()  # submitted and not yet finished: waiting, prefilling or running
         self.kv = BatchKV()
         self._cond = threading.Condition()
@@ -128,7 +135,7 @@ class Scheduler:
 
     @property
     def num_running(self) -> int:
-        return len(self.running)
+        return len(self.running) + (self.prefilling is not None)
 
     @property
     def num_waiting(self) -> int:
@@ -144,7 +151,7 @@ class Scheduler:
         torch.set_grad_enabled(False)
         while True:
             with self._cond:
-                while not self._stopping and not self.waiting and not self.running:
+                while not self._stopping and not self.waiting and not self.running and self.prefilling is None:
                     self._cond.wait()
                 if self._stopping:
                     return
@@ -165,7 +172,7 @@ class Scheduler:
                     torch.cuda.empty_cache()
             self._emit(outputs)
             if self.observer is not None:
-                self.observer.on_step(len(self.running), len(self.waiting), self.kv.nbytes())
+                self.observer.on_step(self.num_running, len(self.waiting), self.kv.nbytes())
 
     def _emit(self, outputs: list[tuple[Sequence, StepOutput]]) -> None:
         self._release([s for s, out in outputs if out.finish_reason])
@@ -189,25 +196,42 @@ class Scheduler:
                     outputs.append((s, StepOutput("", "abort", len(s.generated))))
             self.running = [self.running[i] for i in keep]
             self.kv.keep(keep)
+        if self.prefilling is not None and self.prefilling.cancelled:
+            seq, self.prefilling = self.prefilling, None
+            seq.finished, seq.prefill_cache = True, None
+            outputs.append((seq, StepOutput("", "abort", 0)))
 
     def _admit(self, outputs) -> None:
-        while len(self.running) < self.max_running:
-            with self._cond:
-                if not self.waiting:
+        while True:
+            if self.prefilling is None:
+                if len(self.running) >= self.max_running:
                     return
-                seq = self.waiting.popleft()
-            if seq.cancelled:
-                seq.finished = True
-                outputs.append((seq, StepOutput("", "abort", 0)))
-                continue
+                with self._cond:
+                    if not self.waiting:
+                        return
+                    seq = self.waiting.popleft()
+                if seq.cancelled:
+                    seq.finished = True
+                    outputs.append((seq, StepOutput("", "abort", 0)))
+                    continue
+                self.prefilling = seq
+            seq = self.prefilling
+            remaining = len(seq.prompt_ids) - seq.prefilled
+            # A long prompt joins in chunks while others are generating: their streams pause for one chunk, then
+            # get a decode step. Short prompts go in whole (chunking them only costs throughput).
+            chunked = bool(self.running) and 0 < self.max_prefill_tokens < remaining
             try:
-                logits, cache = self._prefill(seq)
+                logits = self._prefill(seq, self.max_prefill_tokens if chunked else remaining)
+                if chunked:
+                    return  # the rest of this prompt after the next decode step
                 out = self._accept(seq, self._sample([seq], logits[None])[0])
             except Exception as exc:
                 log.exception("prefill failed for request %s", seq.request_id)
-                seq.finished = True
+                self.prefilling, seq.prefill_cache, seq.finished = None, None, True
                 outputs.append((seq, StepOutput("", "error", 0, error=str(exc))))
                 continue
+            self.prefilling = None
+            cache, seq.prefill_cache = seq.prefill_cache, None
             outputs.append((seq, out))
             if not seq.finished:
                 self.running.append(seq)
@@ -215,15 +239,19 @@ class Scheduler:
             # Its first token goes out now, not after everyone else admitted with it has been prefilled too.
             self._emit(outputs)
 
-    def _prefill(self, seq: Sequence):
-        seq.sampler = Sampler(seq.params, seq.prompt_ids, self.vocab_size, self.device)
-        seq.detok = IncrementalDetokenizer(self.decode)
-        seq.stops = StopStrings(seq.params.stop)
-        cache = DynamicCache()
-        ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
+    def _prefill(self, seq: Sequence, take: int) -> torch.Tensor:
+        """Feed the next `take` prompt tokens; the logits after the last of them."""
+        if seq.prefill_cache is None:
+            seq.sampler = Sampler(seq.params, seq.prompt_ids, self.vocab_size, self.device)
+            seq.detok = IncrementalDetokenizer(self.decode)
+            seq.stops = StopStrings(seq.params.stop)
+            seq.prefill_cache = DynamicCache()
+        chunk = seq.prompt_ids[seq.prefilled : seq.prefilled + take]
+        ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=ids, past_key_values=seq.prefill_cache, use_cache=True, logits_to_keep=1,
                          **self._adapter_kwargs([seq]))
-        return out.logits[0, -1].float(), cache
+        seq.prefilled += take
+        return out.logits[0, -1].float()
 
     def _decode_step(self, outputs) -> None:
         cache, mask, positions = self.kv.step_inputs()
