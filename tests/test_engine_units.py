@@ -255,3 +255,42 @@ def test_chunked_prefill_answers_exactly_as_whole_prompts(kind):
     reference = _greedy_answers(model, vocab, prompts, 0, whole)
     assert _greedy_answers(model, vocab, prompts, 7, chunked) == reference
     assert max(whole) == 40 and max(chunked) == 7  # the long prompts really went in chunks of at most 7 tokens
+
+
+def test_cancelling_a_request_mid_prefill_aborts_it_and_frees_its_slot():
+    import threading
+
+    from server.engine.scheduler import Scheduler, Sequence
+
+    model, vocab = _tiny_model("llama")
+    finished: dict[str, str] = {}
+    b_done = threading.Event()
+
+    def publish(batch):
+        for seq, out in batch:
+            if out.finish_reason:
+                finished[seq.request_id] = out.finish_reason
+                if seq.request_id == "b":
+                    b_done.set()
+
+    scheduler = Scheduler(model, lambda ids: "", device=torch.device("cpu"), vocab_size=vocab, publish=publish,
+                          max_running=2, max_waiting=0, max_prefill_tokens=1)  # one prompt token per step
+    scheduler.start()
+    try:
+        a = Sequence([1, 2, 3], SamplingParams(temperature=0), 2000, set(), sink=lambda out: None, request_id="a")
+        scheduler.submit(a)
+        while not scheduler.running:
+            time.sleep(0.01)
+        b = Sequence(list(range(3, 60)) * 8, SamplingParams(temperature=0), 4, set(), sink=lambda out: None,
+                     request_id="b")
+        scheduler.submit(b)
+        while scheduler.prefilling is not b or b.prefilled < 5:  # b is part-way through its prompt
+            time.sleep(0.001)
+        scheduler.cancel(b)
+        assert b_done.wait(30) and finished["b"] == "abort"
+        assert b.prefill_cache is None and scheduler.prefilling is None
+        scheduler.submit(Sequence([4], SamplingParams(temperature=0), 1, set(), sink=lambda out: None,
+                                  request_id="c"))  # b's slot is free again (capacity 2: a and one more)
+        scheduler.cancel(a)
+    finally:
+        scheduler.stop()
