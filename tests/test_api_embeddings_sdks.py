@@ -75,6 +75,22 @@ def test_zhipuai_sdk_chat_stream_and_embeddings(server):
     assert len(emb.data[0].embedding) == 384
 
 
+@pytest.mark.parametrize("backend", ["ChatGLM3", "ChatGPT"])
+def test_remote_llm_wrappers(server, backend):
+    """clients/remote_llm.py over both SDKs: model picking, chat == stream (greedy), embeddings, errors."""
+    from clients import remote_llm
+
+    llm = getattr(remote_llm, backend)(base_url=server.base_url, max_retries=0)
+    assert llm.model == "SmolLM2-135M-Instruct" and llm.embedding_model == "all-MiniLM-L6-v2"
+    answer = llm.chat("Say hello.", max_tokens=8, temperature=0)
+    assert answer and "".join(llm.stream("Say hello.", max_tokens=8, temperature=0)) == answer
+    vectors = llm.embed(["hello", "你好"])
+    assert len(vectors) == 2 and len(vectors[0]) == 384
+    with pytest.raises(remote_llm.RemoteLLMError, match="HTTP 404") as err:
+        getattr(remote_llm, backend)(base_url=server.base_url, model="no-such-model", max_retries=0).chat("hi")
+    assert err.value.status_code == 404
+
+
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
 def test_curl_streaming(server):
     body = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "stream": True})
