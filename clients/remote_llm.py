@@ -80,14 +80,36 @@ class RemoteLLM(ABC):
         self._model = model
         self._embedding_model = embedding_model
 
-    @abstractmethod
-    def chat(self, messages: Messages, **kw: Any) -> str: ...
+    # Both SDKs share the shape of chat.completions.create; they differ in errors, stream closing and embeddings.
+    def chat(self, messages: Messages, **kw: Any) -> str:
+        with self._errors():
+            resp = self.client.chat.completions.create(model=self.model, messages=_as_messages(messages), **kw)
+        return resp.choices[0].message.content or ""
 
-    @abstractmethod
-    def stream(self, messages: Messages, **kw: Any) -> Iterator[str]: ...
+    def stream(self, messages: Messages, **kw: Any) -> Iterator[str]:
+        with self._errors():
+            chunks = self.client.chat.completions.create(
+                model=self.model, messages=_as_messages(messages), stream=True, **kw
+            )
+            try:
+                for chunk in chunks:
+                    for choice in chunk.choices:
+                        if choice.delta.content:
+                            yield choice.delta.content
+            finally:
+                # A caller that stops early closes the connection, which lets the server stop generating.
+                self._close(chunks)
 
     @abstractmethod
     def embed(self, texts: list[str]) -> list[list[float]]: ...
+
+    @abstractmethod
+    def _errors(self) -> contextlib.AbstractContextManager[None]:
+        """Turns the SDK's exceptions into RemoteLLMError."""
+
+    @abstractmethod
+    def _close(self, chunks: Any) -> None:
+        """Closes a stream returned by create(stream=True)."""
 
     @abstractmethod
     def _list_models(self) -> list[dict[str, Any]]:
@@ -184,25 +206,9 @@ class ChatGLM3(RemoteLLM):
             data = self.client.get("/models", cast_type=object)
         return data.get("data", []) if isinstance(data, dict) else []
 
-    def chat(self, messages: Messages, **kw: Any) -> str:
-        # Note: zhipuai rewrites temperature <= 0 to 0.01 + do_sample=False, and temperature / top_p >= 1 to 0.99.
-        with self._errors():
-            resp = self.client.chat.completions.create(model=self.model, messages=_as_messages(messages), **kw)
-        return resp.choices[0].message.content or ""
-
-    def stream(self, messages: Messages, **kw: Any) -> Iterator[str]:
-        with self._errors():
-            chunks = self.client.chat.completions.create(
-                model=self.model, messages=_as_messages(messages), stream=True, **kw
-            )
-            try:
-                for chunk in chunks:
-                    for choice in chunk.choices:
-                        if choice.delta.content:
-                            yield choice.delta.content
-            finally:
-                # A caller that stops early closes the connection, which lets the server stop generating.
-                chunks.response.close()
+    # Note: zhipuai rewrites temperature <= 0 to 0.01 + do_sample=False, and temperature / top_p >= 1 to 0.99.
+    def _close(self, chunks: Any) -> None:
+        chunks.response.close()
 
     def embed(self, texts: list[str]) -> list[list[float]]:
         with self._errors():
@@ -254,23 +260,8 @@ class ChatGPT(RemoteLLM):
         with self._errors():
             return [m.model_dump() for m in self.client.models.list()]
 
-    def chat(self, messages: Messages, **kw: Any) -> str:
-        with self._errors():
-            resp = self.client.chat.completions.create(model=self.model, messages=_as_messages(messages), **kw)
-        return resp.choices[0].message.content or ""
-
-    def stream(self, messages: Messages, **kw: Any) -> Iterator[str]:
-        with self._errors():
-            chunks = self.client.chat.completions.create(
-                model=self.model, messages=_as_messages(messages), stream=True, **kw
-            )
-            try:
-                for chunk in chunks:
-                    for choice in chunk.choices:
-                        if choice.delta.content:
-                            yield choice.delta.content
-            finally:
-                chunks.close()
+    def _close(self, chunks: Any) -> None:
+        chunks.close()
 
     def embed(self, texts: list[str]) -> list[list[float]]:
         with self._errors():
