@@ -47,11 +47,8 @@ class ServerProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
+            if healthy(self.url):
+                return self
             time.sleep(0.5)
         raise TimeoutError(f"server not ready after {timeout}s:\n{self.log_tail()}")
 
@@ -68,6 +65,13 @@ class ServerProcess:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 @contextmanager
@@ -96,11 +100,8 @@ class ThreadedServer:
         self.thread.start()
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
+            if healthy(self.url):
+                return self
             time.sleep(0.1)
         raise TimeoutError("threaded server did not become ready")
 
