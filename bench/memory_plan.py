@@ -96,7 +96,7 @@ def measure(mode: str, ckpt: Path, tokens: int) -> dict:
     import torch
     import transformers
 
-    from server.engine.device import place
+    from server.backends.native.device import place
     from server.families.chatglm3 import load_chatglm3
     from server.plan import measured_weight_bytes
 

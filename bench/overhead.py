@@ -29,7 +29,7 @@ PROMPTS = [
 
 
 async def direct(engine, prompt: str, max_tokens: int) -> tuple[int, float]:
-    from server.engine.base import ChatRequest, Finished, SamplingParams
+    from server.types import ChatRequest, Finished, SamplingParams
 
     req = ChatRequest([{"role": "user", "content": prompt}], SamplingParams(max_tokens=max_tokens, temperature=0))
     started = time.perf_counter()

@@ -16,9 +16,9 @@ log = logging.getLogger("glm_serve")
 
 
 def build_engine(settings: Settings, metrics=None, *, logits_hook=None):
-    from server.engine.device import place
-    from server.engine.engine import LocalChatEngine
-    from server.engine.loader import load_chat_model
+    from server.backends.native.device import place
+    from server.backends.native.loader import load_chat_model
+    from server.serving.engine import LocalChatEngine
 
     model_id = settings.served_model_name or derive_model_name(settings.model_path)
     lora = _lora_modules(settings, model_id)  # before the slow load: a typo should fail at once
@@ -27,7 +27,7 @@ def build_engine(settings: Settings, metrics=None, *, logits_hook=None):
                              max_model_len=settings.max_model_len)
     adapters: dict[str, str] = {}
     if lora:
-        from server.engine.lora import attach_adapters
+        from server.backends.native.lora import attach_adapters
 
         loaded.model, adapters = attach_adapters(loaded.model, lora)
     return LocalChatEngine(
@@ -45,7 +45,7 @@ def build_engine(settings: Settings, metrics=None, *, logits_hook=None):
 
 
 def _dtype(settings: Settings) -> str:
-    from server.engine.device import cpu_auto_dtype, pick_device
+    from server.backends.native.device import cpu_auto_dtype, pick_device
 
     if settings.dtype != "auto" or settings.quantization != "none" or pick_device(settings.device) != "cpu":
         return settings.dtype
@@ -61,7 +61,7 @@ def _dtype(settings: Settings) -> str:
 def _lora_modules(settings: Settings, model_id: str) -> dict[str, str]:
     if not settings.lora_modules.strip():
         return {}
-    from server.engine.lora import AdapterError, parse_lora_modules
+    from server.backends.native.lora import AdapterError, parse_lora_modules
 
     lora = parse_lora_modules(settings.lora_modules)
     clash = sorted(set(lora) & {model_id, *settings.alias_list})

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
+from server.backends.native.device import Placement
 from server.config import Settings, resolve_model_path
-from server.engine.base import EngineError
-from server.engine.device import Placement
+from server.errors import EngineError
 
 log = logging.getLogger("glm_serve.merge")
 
@@ -38,8 +38,8 @@ class MergeError(EngineError):
 
 def merge(base: str, adapter: str, out: str | Path, *, dtype: str = "auto", device: str = "cpu",
           cache_dir: str | None = None) -> Path:
-    from server.engine.loader import load_chat_model
-    from server.engine.lora import attach_adapters
+    from server.backends.native.loader import load_chat_model
+    from server.backends.native.lora import attach_adapters
     from server.plan import gib, measured_weight_bytes
 
     out = Path(out)
@@ -77,7 +77,7 @@ def _dtype(name: str, path: str) -> torch.dtype:
     if name != "auto":
         return getattr(torch, name)
     if not path.endswith(".gguf"):
-        from server.engine.loader import read_config
+        from server.backends.native.loader import read_config
 
         config = read_config(path)
         saved = config.get("torch_dtype") or config.get("dtype")
@@ -119,7 +119,7 @@ def _save_chatglm3(model, base_path: str, tokenizer, out: Path, dtype: torch.dty
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
-    from server.engine.loader import read_config
+    from server.backends.native.loader import read_config
 
     state = chatglm3_state_dict(model.state_dict())
     out.mkdir(parents=True)

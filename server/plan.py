@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.engine.base import EngineError
+from server.errors import EngineError
 
 log = logging.getLogger("glm_serve.plan")
 
@@ -209,7 +209,7 @@ def read_shape(path: str) -> ModelShape:
         if not Path(path).is_file():
             raise PlanError(f"GGUF file {path} does not exist.")
         return shape_from_gguf(path)
-    from server.engine.loader import read_config
+    from server.backends.native.loader import read_config
 
     config = read_config(path)
     try:

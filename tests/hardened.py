@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from server.app import create_app
 from server.config import Settings
-from server.engine.base import ModelCard
+from server.types import ModelCard
 
 KEY = "sk-glm-serve-test-0123456789abcdef"
 ZHIPU_ID, ZHIPU_SECRET = "glmtest", "zhipu-secret-0123456789"

@@ -63,7 +63,7 @@ def _expected_text(ids: list[int]) -> str:
 
 
 def _request(messages, **kw):
-    from server.engine.base import ChatRequest, SamplingParams
+    from server.types import ChatRequest, SamplingParams
 
     return ChatRequest(messages=messages, sampling=SamplingParams(temperature=0), **kw)
 
@@ -112,10 +112,10 @@ class ForcedAnswer:
 
 @pytest.fixture(scope="module")
 def glm_engine_factory():
+    from server.backends.native.device import place
+    from server.backends.native.loader import load_chat_model
     from server.config import Settings
-    from server.engine.device import place
-    from server.engine.engine import LocalChatEngine
-    from server.engine.loader import load_chat_model
+    from server.serving.engine import LocalChatEngine
 
     loaded = load_chat_model(str(CHATGLM3_FIXTURES / "tiny-chatglm3"), place("cpu", "float32"), cache_dir="/tmp")
     tok = loaded.family.tokenizer

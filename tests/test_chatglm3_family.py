@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from server.engine.base import ChatRequest, SamplingParams, TextDelta, ToolCallDelta
 from server.families.chatglm3 import ChatGLM3Family
 from server.families.chatglm3.tools import render_tool_call
+from server.types import ChatRequest, SamplingParams, TextDelta, ToolCallDelta
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared/fixtures/chatglm3"
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"no ChatGLM3 fixtures at {FIXTURES}")
@@ -51,7 +51,7 @@ def stream_moving_start(decode, ids):
 
 def stream_engine(decode, ids):
     """The engine's own detokenizer (a small window of context ids before the new ones)."""
-    from server.engine.decode import IncrementalDetokenizer
+    from server.serving.decode import IncrementalDetokenizer
 
     detokenizer = IncrementalDetokenizer(decode)
     yield from (detokenizer.push(i) for i in ids)

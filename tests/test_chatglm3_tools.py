@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from server.engine.base import ChatRequest, EngineError, SamplingParams, TextDelta, ToolCallDelta
+from server.errors import EngineError
 from server.families.chatglm3.tools import ChatGLM3OutputParser, parse_tool_call, render_tool_call
+from server.types import ChatRequest, SamplingParams, TextDelta, ToolCallDelta
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared/fixtures/chatglm3"
 

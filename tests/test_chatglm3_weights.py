@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import GlmForCausalLM
 
-from server.engine.base import EngineError
+from server.errors import EngineError
 from server.families.chatglm3.weights import chatglm_config_to_glm, is_chatglm_config, load_chatglm3
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared/fixtures/chatglm3"

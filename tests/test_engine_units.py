@@ -7,9 +7,9 @@ import time
 import pytest
 import torch
 
-from server.engine.base import SamplingParams
-from server.engine.decode import IncrementalDetokenizer, StopStrings
-from server.engine.sampling import Sampler
+from server.backends.native.sampling import Sampler
+from server.serving.decode import IncrementalDetokenizer, StopStrings
+from server.types import SamplingParams
 
 
 def _run_stops(stops, pieces):
@@ -80,7 +80,7 @@ def test_seeded_sampling_is_reproducible_and_top_p_restricts():
 
 
 def test_tiny_temperature_samples_the_top_token_and_overflow_is_a_clear_error():
-    from server.engine.sampling import NonFiniteLogits
+    from server.backends.native.sampling import NonFiniteLogits
 
     logits = torch.tensor([0.0, 50.0, 49.0, -3.0])
     cold = Sampler(SamplingParams(temperature=1e-30, seed=0), [], 4, torch.device("cpu"))
@@ -94,7 +94,7 @@ def test_tiny_temperature_samples_the_top_token_and_overflow_is_a_clear_error():
 def test_batched_kv_decode_equals_single_sequence(lengths):
     from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-    from server.engine.kv_cache import BatchKV
+    from server.backends.native.kv_cache import BatchKV
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -141,7 +141,7 @@ def test_forced_prefixes_hold_for_greedy_and_sampled_rows_alike(temperature):
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from server.engine.scheduler import Scheduler, Sequence
+    from server.backends.native.scheduler import Scheduler, Sequence
 
     vocab = 32
     torch.manual_seed(0)  # a real (random, tiny) model: its own preferences, real KV cache, batched decode
@@ -174,8 +174,9 @@ def test_forced_prefixes_hold_for_greedy_and_sampled_rows_alike(temperature):
 def test_chat_template_models_refuse_a_forced_tool_call_they_cannot_return():
     from types import SimpleNamespace
 
-    from server.engine.base import ChatRequest, EngineError, SamplingParams
+    from server.errors import EngineError
     from server.families.chat_template import ChatTemplateFamily
+    from server.types import ChatRequest, SamplingParams
 
     shown = []
     tokenizer = SimpleNamespace(  # a tool-capable template; only the family's own decisions are under test here
@@ -198,8 +199,8 @@ def _tiny_model(kind: str):
 
         if not CHATGLM3_FIXTURES.exists():
             pytest.skip("no ChatGLM3 fixtures")
-        from server.engine.device import place
-        from server.engine.loader import load_chat_model
+        from server.backends.native.device import place
+        from server.backends.native.loader import load_chat_model
 
         loaded = load_chat_model(str(CHATGLM3_FIXTURES / "tiny-chatglm3"), place("cpu", "float32"), cache_dir="/tmp")
         return loaded.model, loaded.model.config.vocab_size
@@ -214,7 +215,7 @@ def _greedy_answers(model, vocab: int, prompts: list[list[int]], max_prefill_tok
     """Run `prompts` through a real Scheduler, the first alone for a while so the others join a running batch."""
     import threading
 
-    from server.engine.scheduler import Scheduler, Sequence
+    from server.backends.native.scheduler import Scheduler, Sequence
 
     answers, done = {}, threading.Event()
 
@@ -260,7 +261,7 @@ def test_chunked_prefill_answers_exactly_as_whole_prompts(kind):
 def test_cancelling_a_request_mid_prefill_aborts_it_and_frees_its_slot():
     import threading
 
-    from server.engine.scheduler import Scheduler, Sequence
+    from server.backends.native.scheduler import Scheduler, Sequence
 
     model, vocab = _tiny_model("llama")
     finished: dict[str, str] = {}

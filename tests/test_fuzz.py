@@ -20,8 +20,8 @@ from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from schemathesis import GenerationMode
 
-from server.engine.decode import IncrementalDetokenizer, StopStrings
 from server.families.chatglm3.tools import ChatGLM3OutputParser, parse_tool_call, render_tool_call
+from server.serving.decode import IncrementalDetokenizer, StopStrings
 from tests.hardened import stub_app
 from tests.sse import chat_stream_payloads
 from tests.support import CHATGLM3_FIXTURES, running_server
@@ -338,8 +338,9 @@ def test_a_request_whose_sampling_fails_gets_an_error_and_frees_its_slot():
 
     import torch
 
-    from server.engine.base import EngineOverloaded, SamplingParams
-    from server.engine.scheduler import Scheduler, Sequence
+    from server.backends.native.scheduler import Scheduler, Sequence
+    from server.errors import EngineOverloaded
+    from server.types import SamplingParams
 
     vocab = 16
 

@@ -8,8 +8,8 @@ import httpx
 import pytest
 import torch
 
+from server.backends.native.lora import AdapterError, attach_adapters, parse_lora_modules
 from server.config import Settings
-from server.engine.lora import AdapterError, attach_adapters, parse_lora_modules
 from tests.support import CHATGLM3_FIXTURES, ThreadedServer
 from tests.tiny_models import hand_merged_chatglm3, make_chatglm3_lora, make_lora, tiny_chatglm3, tiny_llama
 
@@ -108,7 +108,7 @@ def test_lora_on_a_4bit_base_mixes_rows_exactly(adapters):
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM
 
-    from server.engine.device import place
+    from server.backends.native.device import place
 
     base, paths = adapters
     p = place("cpu", "float32", "4bit")

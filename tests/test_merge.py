@@ -54,8 +54,8 @@ def test_merged_llama_answers_like_the_served_adapter(tmp_path):
 
 @pytest.mark.skipif(not CHATGLM3_FIXTURES.exists(), reason="no ChatGLM3 fixtures")
 def test_merged_chatglm3_is_a_chatglm3_checkpoint(tmp_path):
-    from server.engine.device import place
-    from server.engine.loader import load_chat_model
+    from server.backends.native.device import place
+    from server.backends.native.loader import load_chat_model
     from server.families.chatglm3 import load_chatglm3
 
     adapter, deltas = make_chatglm3_lora(tmp_path / "adapter", seed=4)

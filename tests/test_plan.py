@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from server.engine.device import place
+from server.backends.native.device import place
 from server.plan import (
     PRECISIONS,
     GiB,
@@ -92,7 +92,7 @@ def tiny_paths():
     ("bfloat16", "4bit", False), ("bfloat16", "4bit", True), ("float32", "4bit", True),
 ])  # fmt: skip
 def test_estimate_matches_measured_weights(tiny_paths, dtype, quantization, double):
-    from server.engine.loader import load_chat_model, read_config
+    from server.backends.native.loader import load_chat_model, read_config
 
     for path in tiny_paths:
         placement = place("cpu", dtype, quantization, double)

@@ -9,7 +9,7 @@ import httpx
 import pytest
 import torch
 
-from server.engine.device import ConfigError, pick_dtype, place, quantization_config
+from server.backends.native.device import ConfigError, pick_dtype, place, quantization_config
 from tests.support import CHATGLM3_FIXTURES, ServerProcess
 from tests.tiny_models import tiny_chatglm3, tiny_llama
 
@@ -62,7 +62,7 @@ def test_chatglm3_native_loader_quantizes(mode):
         pytest.skip("no ChatGLM3 fixtures")
     import bitsandbytes as bnb
 
-    from server.engine.loader import load_chat_model
+    from server.backends.native.loader import load_chat_model
 
     reference = load_chat_model(str(tiny_chatglm3()), place("cpu", "float32"), cache_dir="/nonexistent")
     loaded = load_chat_model(str(tiny_chatglm3()), place("cpu", "bfloat16", mode), cache_dir="/nonexistent")

@@ -18,7 +18,8 @@ from sse_starlette.sse import EventSourceResponse
 from server.api.deps import chat_engine, until_disconnected
 from server.api.errors import APIError
 from server.api.protocol import ChatCompletionRequest, ChatMessage
-from server.engine.base import ChatRequest, EngineError, Finished, SamplingParams, TextDelta, ToolCallDelta
+from server.errors import EngineError
+from server.types import ChatRequest, Finished, SamplingParams, TextDelta, ToolCallDelta
 
 router = APIRouter()
 

@@ -9,7 +9,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.engine.base import EngineError, EngineOverloaded
+from server.errors import (
+    EngineError,
+    EngineFailure,
+    EngineOverloaded,
+    EngineUnavailable,
+    RequestTimeout,
+)
 
 log = logging.getLogger("glm_serve.api")
 
@@ -25,6 +31,20 @@ _TYPES = {
     503: "service_unavailable",
     504: "timeout_error",
 }
+
+
+# The one home of an engine error's HTTP status; the first matching class along the MRO wins, EngineError is 400.
+_ENGINE_STATUS: dict[type, int] = {
+    EngineOverloaded: 429,
+    EngineUnavailable: 503,
+    RequestTimeout: 504,
+    EngineFailure: 500,
+    EngineError: 400,
+}
+
+
+def engine_status(exc: EngineError) -> int:
+    return next(_ENGINE_STATUS[k] for k in type(exc).__mro__ if k in _ENGINE_STATUS)
 
 
 class APIError(Exception):
@@ -50,10 +70,10 @@ class APIError(Exception):
     @classmethod
     def from_engine(cls, exc: EngineError) -> APIError:
         headers = None
-        if isinstance(exc, EngineOverloaded):
-            headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
-        return cls(exc.status_code, exc.message, param=exc.param, code=exc.code, error_type=exc.error_type,
-                   headers=headers)
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            headers = {"Retry-After": str(max(1, round(retry_after)))}
+        return cls(engine_status(exc), exc.message, param=exc.param, code=exc.code, headers=headers)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

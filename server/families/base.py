@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from server.engine.base import ChatEvent, ChatRequest, FinishReason
+from server.types import ChatEvent, ChatRequest, FinishReason
 
 
 class OutputParser(Protocol):
@@ -25,7 +25,7 @@ class PlainTextParser:
     """The parser for models without tool-call syntax: text passes straight through."""
 
     def feed(self, text: str) -> list[ChatEvent]:
-        from server.engine.base import TextDelta
+        from server.types import TextDelta
 
         return [TextDelta(text)] if text else []
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from server.engine.base import ChatRequest, EngineError
+from server.errors import EngineError
 from server.families.base import PlainTextParser, Prompt
+from server.types import ChatRequest
 
 log = logging.getLogger("glm_serve.families")
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 
-from server.engine.base import ChatRequest
 from server.families.base import Prompt
 from server.families.chatglm3.prompt import build_messages, from_openai
 from server.families.chatglm3.tokenizer import ChatGLM3Tokenizer
 from server.families.chatglm3.tools import ASSISTANT_SEPARATOR, ChatGLM3OutputParser
+from server.types import ChatRequest
 
 
 class ChatGLM3Family:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.engine.base import EngineError
+from server.errors import EngineError
 from server.families.base import flatten_tools
 from server.families.chatglm3.tokenizer import ChatGLM3Tokenizer
 from server.families.chatglm3.tools import render_tool_call

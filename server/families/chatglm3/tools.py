@@ -18,7 +18,7 @@ import unicodedata
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from server.engine.base import ChatEvent, FinishReason, TextDelta, ToolCallDelta
+from server.types import ChatEvent, FinishReason, TextDelta, ToolCallDelta
 
 # How the family's decode renders <|assistant|> inside an answer: the model may say a few words, then start a
 # second assistant message with a tool call in it. The parser splits the answer on this text.

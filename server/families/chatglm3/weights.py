@@ -19,7 +19,7 @@ from transformers import GenerationConfig, GlmConfig, GlmForCausalLM
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import Concatenate, ConversionOps, WeightConverter, WeightRenaming
 
-from server.engine.base import EngineError
+from server.errors import EngineError
 from server.families.chatglm3.files import checkpoint_file
 
 CHATGLM3_EOS_TOKEN_IDS = [2, 64795, 64797]  # eos, <|user|>, <|observation|>: THUDM's chat stop list

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from server.engine.base import EngineError
-from server.engine.device import Placement
+from server.backends.native.device import Placement
+from server.errors import EngineError
 
 log = logging.getLogger("glm_serve.loader")
 

@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from server.engine.base import EngineOverloaded, SamplingParams
-from server.engine.decode import IncrementalDetokenizer, StopStrings
-from server.engine.kv_cache import BatchKV
-from server.engine.sampling import NonFiniteLogits, Sampler
+from server.backends.native.kv_cache import BatchKV
+from server.backends.native.sampling import NonFiniteLogits, Sampler
+from server.errors import EngineOverloaded
+from server.serving.decode import IncrementalDetokenizer, StopStrings
+from server.types import SamplingParams
 
 log = logging.getLogger("glm_serve.scheduler")
 

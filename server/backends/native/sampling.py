@@ -10,7 +10,7 @@ import secrets
 
 import torch
 
-from server.engine.base import SamplingParams
+from server.types import SamplingParams
 
 
 class NonFiniteLogits(ValueError):

@@ -1,4 +1,4 @@
-"""The small async interface the API layer sees, and the plain data that crosses it.
+"""The plain data that crosses the layers: sampling settings, a chat request, the events of an answer.
 
 Nothing here imports torch: the API layer depends on this module only.
 """
@@ -10,41 +10,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 FinishReason = Literal["stop", "length", "tool_calls", "function_call", "abort"]
-
-
-class EngineError(Exception):
-    """A request the engine cannot serve; the API layer turns it into the OpenAI error JSON."""
-
-    status_code = 400
-    error_type = "invalid_request_error"
-
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.code = code
-
-
-class PromptTooLong(EngineError):
-    def __init__(self, prompt_tokens: int, max_tokens: int, context: int):
-        super().__init__(
-            f"This model's maximum context length is {context} tokens. However, you requested "
-            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the completion). "
-            "Please reduce the length of the messages or the completion.",
-            param="messages",
-            code="context_length_exceeded",
-        )
-        self.prompt_tokens = prompt_tokens
-        self.context = context
-
-
-class EngineOverloaded(EngineError):
-    status_code = 429
-    error_type = "rate_limit_error"
-
-    def __init__(self, message: str, retry_after: float = 1.0):
-        super().__init__(message, code="server_overloaded")
-        self.retry_after = retry_after
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from server.engine.base import EngineError
+from server.errors import EngineError
 
 
 class ConfigError(EngineError):

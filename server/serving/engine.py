@@ -9,29 +9,13 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, replace
 
-from server.engine.base import (
-    ChatEvent,
-    ChatRequest,
-    EngineError,
-    Finished,
-    ModelCard,
-    PromptTooLong,
-)
-from server.engine.loader import LoadedModel
-from server.engine.scheduler import Scheduler, Sequence, StepOutput
+from server.backends.native.loader import LoadedModel
+from server.backends.native.scheduler import Scheduler, Sequence, StepOutput
+from server.errors import EngineFailure, PromptTooLong, RequestTimeout
 from server.families.base import Prompt
+from server.types import ChatEvent, ChatRequest, Finished, ModelCard
 
 log = logging.getLogger("glm_serve.engine")
-
-
-class RequestTimeout(EngineError):
-    status_code = 504
-    error_type = "timeout_error"
-
-
-class EngineFailure(EngineError):
-    status_code = 500
-    error_type = "server_error"
 
 
 @dataclass

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from server.engine.base import EngineError
+from server.errors import EngineError
 
 log = logging.getLogger("glm_serve.lora")
 
