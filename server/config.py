@@ -37,6 +37,16 @@ class Settings(BaseSettings):
         "tokens with a decode step between them (chunked prefill), so their streams pause for a chunk at a time; "
         "0: whole prompts")
     request_timeout: float = Field(600.0, description="seconds a request may take before it is aborted")
+    engine: Literal["auto", "native", "vllm"] = Field(
+        "auto", description="auto: vLLM when VLLM_URL or VLLM_PYTHON is set, else native (our scheduler)")
+    vllm_url: str = Field("", description="a running vLLM server started with --tokens-only (http://gpu-node:8000)")
+    vllm_python: str = Field("", description="python of a venv with vLLM: glm-serve starts and supervises vLLM itself")
+    vllm_args: str = Field("", description="extra vLLM command-line arguments, passed as they are")
+    vllm_port: int = Field(0, ge=0, description="port of the vLLM child (0: a free one on 127.0.0.1)")
+    vllm_startup_timeout: float = Field(900.0, gt=0, description="seconds the vLLM child may take to become ready")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM: GPUs one model is split across (tensor parallel)")
+    pipeline_parallel_size: int = Field(1, ge=1, description="vLLM: pipeline stages (several nodes)")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM: share of GPU memory it may take")
     api_keys: str = Field("", description="comma-separated API keys (any string, or ZhipuAI-style id.secret); "
                           "empty: no auth")
     api_keys_file: str = Field("", description="file with one API key per line (# comments); read at startup")
