@@ -25,6 +25,7 @@ import torch
 from server.backends.native.device import Placement
 from server.config import Settings, resolve_model_path
 from server.errors import EngineError
+from server.families.chatglm3.names import FUSED_QKV, SPLIT_QKV, to_chatglm
 
 log = logging.getLogger("glm_serve.merge")
 
@@ -77,7 +78,7 @@ def _dtype(name: str, path: str) -> torch.dtype:
     if name != "auto":
         return getattr(torch, name)
     if not path.endswith(".gguf"):
-        from server.backends.native.loader import read_config
+        from server.model_files import read_config
 
         config = read_config(path)
         saved = config.get("torch_dtype") or config.get("dtype")
@@ -86,29 +87,17 @@ def _dtype(name: str, path: str) -> torch.dtype:
     return torch.bfloat16
 
 
-# GlmForCausalLM name -> THUDM's (the inverse of server/families/chatglm3/weights.py's conversion).
-_TO_CHATGLM = [
-    ("model.embed_tokens.", "transformer.embedding.word_embeddings."),
-    ("model.norm.", "transformer.encoder.final_layernorm."),
-    ("lm_head.", "transformer.output_layer."),
-    ("model.layers.", "transformer.encoder.layers."),
-    (".self_attn.o_proj.", ".self_attention.dense."),
-    (".mlp.gate_up_proj.", ".mlp.dense_h_to_4h."),
-    (".mlp.down_proj.", ".mlp.dense_4h_to_h."),
-]
-
-
 def chatglm3_state_dict(glm_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """GLM names -> ChatGLM3 names; q/k/v (weight and bias) concatenated back into query_key_value."""
     out: dict[str, torch.Tensor] = {}
     for key, tensor in glm_state.items():
-        if ".self_attn.k_proj." in key or ".self_attn.v_proj." in key:
+        q, k, v = (f".{p}." for p in SPLIT_QKV)
+        if k in key or v in key:
             continue  # joined with q_proj below
-        if ".self_attn.q_proj." in key:
-            parts = [glm_state[key.replace(".q_proj.", f".{p}.")] for p in ("q_proj", "k_proj", "v_proj")]
-            key, tensor = key.replace(".self_attn.q_proj.", ".self_attention.query_key_value."), torch.cat(parts)
-        for glm, chatglm in _TO_CHATGLM:
-            key = key.replace(glm, chatglm)
+        if q in key:
+            tensor = torch.cat([glm_state[key.replace(q, p)] for p in (q, k, v)])
+            key = key.replace(q, f".{FUSED_QKV}.")
+        key = to_chatglm(key)
         if not key.startswith("transformer."):
             raise MergeError(f"Unexpected tensor {key} in the merged GLM model; not writing a ChatGLM3 checkpoint.")
         out[key] = tensor.contiguous()
@@ -119,7 +108,7 @@ def _save_chatglm3(model, base_path: str, tokenizer, out: Path, dtype: torch.dty
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
-    from server.backends.native.loader import read_config
+    from server.model_files import read_config
 
     state = chatglm3_state_dict(model.state_dict())
     out.mkdir(parents=True)

@@ -23,26 +23,14 @@ from typing import Any
 import torch
 
 from server.errors import EngineError
+from server.families.chatglm3.names import FUSED_QKV, SPLIT_QKV, bare_targets, to_glm
 
 log = logging.getLogger("glm_serve.lora")
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 
-# THUDM ChatGLM3 module path -> GlmForCausalLM's, as server/families/chatglm3/weights.py maps the weights.
-_RENAMES = [
-    (re.compile(r"\btransformer\.embedding\.word_embeddings\b"), "model.embed_tokens"),
-    (re.compile(r"\btransformer\.encoder\.final_layernorm\b"), "model.norm"),
-    (re.compile(r"\btransformer\.output_layer\b"), "lm_head"),
-    (re.compile(r"\btransformer\.encoder\.layers\b"), "model.layers"),
-    (re.compile(r"\bself_attention\.query_key_value\b"), "self_attn.query_key_value"),  # split afterwards
-    (re.compile(r"\bself_attention\.dense\b"), "self_attn.o_proj"),
-    (re.compile(r"\bmlp\.dense_h_to_4h\b"), "mlp.gate_up_proj"),
-    (re.compile(r"\bmlp\.dense_4h_to_h\b"), "mlp.down_proj"),
-]
-# Bare module names, as LoraConfig.target_modules usually lists them.
-_TARGETS = {"query_key_value": ["q_proj", "k_proj", "v_proj"], "dense": ["o_proj"], "dense_h_to_4h": ["gate_up_proj"],
-            "dense_4h_to_h": ["down_proj"], "output_layer": ["lm_head"], "word_embeddings": ["embed_tokens"]}
-_QKV = ".self_attn.query_key_value."
+_TARGETS = bare_targets()  # bare module names, as LoraConfig.target_modules usually lists them
+_QKV = f".{FUSED_QKV}."  # where to_glm leaves the fused qkv, to be split onto q/k/v
 
 
 class AdapterError(EngineError):
@@ -107,18 +95,18 @@ def translate_chatglm_adapter(config, weights: Mapping[str, torch.Tensor], *, q_
         raise AdapterError("LoRA adapters with lora_bias or fan_in_fan_out on ChatGLM3 names are not translated.")
     out: dict[str, torch.Tensor] = {}
     for key, tensor in weights.items():
-        key = _rename(key)
+        key = to_glm(key)
         if _QKV not in key:
             out[key] = tensor
         elif ".lora_A." in key or ".lora_embedding_A" in key:
-            for proj in ("q_proj", "k_proj", "v_proj"):  # x -> A is shared by the three
-                out[key.replace(_QKV, f".self_attn.{proj}.")] = tensor
+            for proj in SPLIT_QKV:  # x -> A is shared by the three
+                out[key.replace(_QKV, f".{proj}.")] = tensor
         elif ".lora_B." in key:
             if tensor.shape[0] != q_rows + 2 * kv_rows:
                 raise AdapterError(f"{key}: {tensor.shape[0]} rows, but the base model's fused qkv has "
                                    f"{q_rows} + 2 x {kv_rows}: the adapter belongs to another model size.")
-            for proj, part in zip(("q_proj", "k_proj", "v_proj"), torch.split(tensor, [q_rows, kv_rows, kv_rows])):
-                out[key.replace(_QKV, f".self_attn.{proj}.")] = part.contiguous()
+            for proj, part in zip(SPLIT_QKV, torch.split(tensor, [q_rows, kv_rows, kv_rows])):
+                out[key.replace(_QKV, f".{proj}.")] = part.contiguous()
         else:
             raise AdapterError(f"Cannot split {key} of the fused query_key_value onto q/k/v.")
     config.target_modules = _translate_targets(config.target_modules)
@@ -130,12 +118,6 @@ def translate_chatglm_adapter(config, weights: Mapping[str, torch.Tensor], *, q_
     return config, out
 
 
-def _rename(name: str) -> str:
-    for pattern, new in _RENAMES:
-        name = pattern.sub(new, name)
-    return name
-
-
 def _translate_targets(targets: Any) -> Any:
     if isinstance(targets, str):
         if targets == "all-linear":
@@ -144,10 +126,10 @@ def _translate_targets(targets: Any) -> Any:
                            "they can be mapped to the GLM ones.")
     out: list[str] = []
     for target in targets:
-        renamed = _rename(target)
+        renamed = to_glm(target)
         head, _, last = renamed.rpartition(".")
-        if last == "query_key_value":
-            out += [f"{head}.{p}" if head else p for p in _TARGETS["query_key_value"]]
+        if renamed.endswith(FUSED_QKV):
+            out += [renamed[: -len(FUSED_QKV)] + p for p in SPLIT_QKV]
         elif not head and last in _TARGETS:
             out += _TARGETS[last]
         else:

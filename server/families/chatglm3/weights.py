@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,6 +22,7 @@ from transformers.core_model_loading import Concatenate, ConversionOps, WeightCo
 
 from server.errors import EngineError
 from server.families.chatglm3.files import checkpoint_file
+from server.families.chatglm3.names import FUSED_QKV, RENAMES, SPLIT_QKV
 
 CHATGLM3_EOS_TOKEN_IDS = [2, 64795, 64797]  # eos, <|user|>, <|observation|>: THUDM's chat stop list
 CHATGLM3_PAD_TOKEN_ID = 0
@@ -143,21 +145,8 @@ class SplitFusedQKV(ConversionOps):
 
 
 def _conversion() -> list[WeightRenaming | WeightConverter]:
-    layer = r"transformer\.encoder\.layers\."
-    return [
-        WeightRenaming(r"transformer\.embedding\.word_embeddings\.", "model.embed_tokens."),
-        WeightRenaming(r"transformer\.encoder\.final_layernorm\.", "model.norm."),
-        WeightRenaming(r"transformer\.output_layer\.", "lm_head."),
-        WeightRenaming(layer, "model.layers."),
-        WeightRenaming(r"\.self_attention\.dense\.", ".self_attn.o_proj."),
-        WeightRenaming(r"\.mlp\.dense_h_to_4h\.", ".mlp.gate_up_proj."),  # already [gate; up]
-        WeightRenaming(r"\.mlp\.dense_4h_to_h\.", ".mlp.down_proj."),
-        WeightConverter(
-            "self_attention.query_key_value",
-            ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-            operations=[SplitFusedQKV()],
-        ),
-    ]
+    renames = [WeightRenaming(rf"(?<![\w]){re.escape(old)}\.", f"{new}.") for old, new in RENAMES]
+    return renames + [WeightConverter(FUSED_QKV, list(SPLIT_QKV), operations=[SplitFusedQKV()])]
 
 
 class _ChatGLM3Loader(GlmForCausalLM):
