@@ -61,11 +61,11 @@ def main() -> None:
     ap.add_argument("--result-json")
     args = ap.parse_args()
 
-    from server.bootstrap import build_engine
+    from server.bootstrap import build_chat
     from server.config import Settings
 
     settings = Settings(embedding_path="none", web_ui=False)
-    engine = build_engine(settings)
+    engine = build_chat(settings)
     env = {**os.environ, "EMBEDDING_PATH": "none", "WEB_UI": "false", "LOG_LEVEL": "warning"}
     server = subprocess.Popen([sys.executable, "-m", "server", "--port", str(args.port)], env=env)
     url = f"http://127.0.0.1:{args.port}"

@@ -115,16 +115,15 @@ async def _attach(app: FastAPI, settings: Settings, engine, embedder) -> None:
 
 
 async def _load(app: FastAPI, settings: Settings, metrics: Metrics, on_load_failure) -> None:
-    from server.bootstrap import build_embedder, build_engine, startup_summary
+    from server.bootstrap import build_chat, build_embedder, embedding_device, startup_summary
 
     try:
-        engine = await asyncio.to_thread(build_engine, settings, metrics)
+        chat = await asyncio.to_thread(build_chat, settings, metrics)
         embedder = None
         if not app.state.embeddings_disabled:
-            embedder = await asyncio.to_thread(build_embedder, settings, engine.loaded.placement.input_device,
-                                             metrics)
-        await _attach(app, settings, engine, embedder)
-        log.info("%s", startup_summary(settings, engine, embedder))
+            embedder = await asyncio.to_thread(build_embedder, settings, embedding_device(settings, chat), metrics)
+        await _attach(app, settings, chat, embedder)
+        log.info("%s", startup_summary(settings, chat, embedder))
     except Exception as exc:
         reason = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
         app.state.status = "failed"

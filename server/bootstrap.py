@@ -11,51 +11,63 @@ from server.config import (
     resolve_embedding_path,
     resolve_model_path,
 )
+from server.errors import ConfigError
+from server.serving.chat import ChatService
 
 log = logging.getLogger("glm_serve")
 
 
-def build_engine(settings: Settings, metrics=None, *, logits_hook=None):
-    from server.backends.native.device import place
-    from server.backends.native.loader import load_chat_model
-    from server.serving.engine import LocalChatEngine
+def engine_choice(settings: Settings) -> tuple[str, str]:
+    """(engine, why): ENGINE=auto picks vLLM when one is configured, else our native engine."""
+    if settings.engine == "native":
+        return "native", "ENGINE=native"
+    vllm_configured = bool(settings.vllm_url or settings.vllm_python)
+    if settings.engine == "vllm":
+        if not vllm_configured:
+            raise ConfigError("ENGINE=vllm needs VLLM_URL (a running vLLM started with --tokens-only) or "
+                              "VLLM_PYTHON (the python of a venv with vLLM, which glm-serve then starts).")
+        return "vllm", "ENGINE=vllm"
+    if vllm_configured:
+        return "vllm", "ENGINE=auto and " + ("VLLM_URL" if settings.vllm_url else "VLLM_PYTHON") + " is set"
+    return "native", "ENGINE=auto and no vLLM is configured"
 
+
+def build_chat(settings: Settings, metrics=None) -> ChatService:
+    """Settings -> the serving layer over the chosen backend (slow: loads or starts the model)."""
     model_id = settings.served_model_name or derive_model_name(settings.model_path)
     lora = _lora_modules(settings, model_id)  # before the slow load: a typo should fail at once
-    placement = place(settings.device, _dtype(settings), settings.quantization, settings.quant_double)
-    loaded = load_chat_model(resolve_model_path(settings.model_path), placement, cache_dir=settings.cache_dir,
-                             max_model_len=settings.max_model_len)
+    engine, why = engine_choice(settings)
+    log.info("Engine: %s (%s)", engine, why)
+    if engine == "vllm":
+        from server.backends.vllm import build_vllm_backend
+        from server.families.loading import load_family
+        from server.model_files import model_folder
+
+        folder = model_folder(resolve_model_path(settings.model_path), settings.cache_dir)
+        family = load_family(folder)
+        backend = build_vllm_backend(settings, model_folder=folder, adapters=lora)
+    else:
+        backend = build_native_backend(settings, lora)
+        family = backend.loaded.family
+    return ChatService(family, backend, model_id=model_id, aliases=settings.alias_list,
+                       request_timeout=settings.request_timeout, observer=metrics)
+
+
+def build_native_backend(settings: Settings, lora: dict[str, str]):
+    from server.backends.native.backend import NativeBackend
+    from server.backends.native.device import place
+    from server.backends.native.loader import load_chat_model
+
+    path = resolve_model_path(settings.model_path)
+    placement = place(settings.device, settings.dtype, settings.quantization, settings.quant_double, model_path=path)
+    loaded = load_chat_model(path, placement, cache_dir=settings.cache_dir, max_model_len=settings.max_model_len)
     adapters: dict[str, str] = {}
     if lora:
         from server.backends.native.lora import attach_adapters
 
         loaded.model, adapters = attach_adapters(loaded.model, lora)
-    return LocalChatEngine(
-        loaded,
-        model_id=model_id,
-        aliases=settings.alias_list,
-        adapters=adapters,
-        max_running=settings.max_running_requests,
-        max_waiting=settings.max_waiting_requests,
-        max_prefill_tokens=settings.max_prefill_tokens,
-        request_timeout=settings.request_timeout,
-        logits_hook=logits_hook,
-        observer=metrics,
-    )
-
-
-def _dtype(settings: Settings) -> str:
-    from server.backends.native.device import cpu_auto_dtype, pick_device
-
-    if settings.dtype != "auto" or settings.quantization != "none" or pick_device(settings.device) != "cpu":
-        return settings.dtype
-    from server.plan import PRECISIONS, ram_memory, read_shape, weight_bytes
-
-    try:
-        fp32 = weight_bytes(read_shape(resolve_model_path(settings.model_path)), PRECISIONS[0])
-    except Exception:  # an unknown shape: the loader will say what is wrong; bf16 is the safe guess meanwhile
-        fp32 = None
-    return cpu_auto_dtype(fp32, ram_memory().free)
+    return NativeBackend(loaded, adapters=adapters, max_running=settings.max_running_requests,
+                         max_waiting=settings.max_waiting_requests, max_prefill_tokens=settings.max_prefill_tokens)
 
 
 def _lora_modules(settings: Settings, model_id: str) -> dict[str, str]:
@@ -80,6 +92,16 @@ def build_embedder(settings: Settings, device: str, metrics=None):
                             device=device, observer=metrics)
 
 
+def embedding_device(settings: Settings, chat: ChatService) -> str:
+    """Beside the chat model's first layer on the native engine; DEVICE's pick when vLLM holds the model."""
+    loaded = getattr(chat.backend, "loaded", None)
+    if loaded is not None:
+        return loaded.placement.input_device
+    from server.backends.native.device import pick_device
+
+    return pick_device(settings.device)
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -89,24 +111,16 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def startup_summary(settings: Settings, engine, embedder) -> str:
-    loaded = engine.loaded
-    p = loaded.placement
-    aliases = f" (also: {', '.join(engine.aliases)})" if engine.aliases else ""
+def startup_summary(settings: Settings, chat: ChatService, embedder) -> str:
+    aliases = f" (also: {', '.join(chat.aliases)})" if chat.aliases else ""
     host = settings.host if ":" not in settings.host else f"[{settings.host}]"
     url = f"http://{host}:{settings.port}"
-    lines = [
-        "glm-serve is ready",
-        f"  chat model   {engine.model_id}{aliases}  [{loaded.family.name}]  from {loaded.source}",
-        f"  device       {p.describe()}   dtype {str(p.dtype).removeprefix('torch.')}"
-        + (f"   quantization {settings.quantization}" if settings.quantization != "none" else ""),
-        f"  weights      {loaded.weight_bytes / 2**20:,.0f} MiB   context {loaded.context_length} tokens"
-        f"   loaded in {loaded.load_seconds:.1f} s",
-        f"  batching     {settings.max_running_requests} running, {settings.max_waiting_requests} waiting, "
-        f"prefill chunks {settings.max_prefill_tokens or 'off'}, timeout {settings.request_timeout:g} s",
-    ]
-    if engine.adapters:
-        lines.append(f"  LoRA         {', '.join(engine.adapters)}  (model ids on the shared base, unmerged)")
+    lines = ["glm-serve is ready",
+             f"  chat model   {chat.model_id}{aliases}  [{chat.family.name}]  from {settings.model_path}"]
+    lines += [f"  {line}" for line in chat.backend.describe()]
+    lines.append(f"  requests     timeout {settings.request_timeout:g} s, context {chat.context_length} tokens")
+    if chat.adapters:
+        lines.append(f"  LoRA         {', '.join(chat.adapters)}  (model ids on the shared base, unmerged)")
     if embedder is not None:
         lines.append(f"  embeddings   {embedder.model_id} ({embedder.dimensions} dims, max {embedder.max_seq_length} "
                      "tokens)")

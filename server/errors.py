@@ -51,3 +51,7 @@ class RequestTimeout(EngineError):
 
 class EngineFailure(EngineError):
     """Generation itself failed (a numerical error, an engine step that crashed)."""
+
+
+class ConfigError(EngineError):
+    """A setting combination that cannot work on this machine; the message says what to change."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -33,33 +31,34 @@ class Metrics:
         self.embedding_texts = Counter("glm_serve_embedding_texts", "Texts embedded", registry=r)
         self.memory = Gauge("glm_serve_process_resident_bytes", "Resident memory of the server process", registry=r)
 
-    # -- scheduler observer (engine thread) ---------------------------------------------------------
-    def on_step(self, running: int, waiting: int, kv_bytes: int) -> None:
-        self.running.set(running)
-        self.waiting.set(waiting)
-        self.kv_bytes.set(kv_bytes)
+    # -- serving-layer observer (event loop) -------------------------------------------------------
+    def on_first_token(self, ttft: float, prompt_tokens: int) -> None:
+        self.ttft.observe(ttft)
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(1)
 
-    # -- per output (event loop) ------------------------------------------------------------------
-    def on_output(self, seq, out) -> None:
-        now = time.monotonic()
-        if out.finish_reason not in ("abort", "error"):  # every other output carries one new token
-            last = getattr(seq, "_last_output_at", None)
-            if last is None:
-                self.ttft.observe(now - seq.arrival)
-                self.prompt_tokens.inc(len(seq.prompt_ids))
-            else:
-                self.itl.observe(now - last)
-            seq._last_output_at = now
-            self.generation_tokens.inc(1)
-        if out.finish_reason:
-            self.finished.labels(out.finish_reason).inc()
-            self.e2e.observe(now - seq.arrival)
+    def on_tokens(self, n: int, gap: float | None) -> None:
+        """`n` more tokens of one sequence arrived, `gap` seconds after its previous ones."""
+        if n > 0:
+            self.generation_tokens.inc(n)
+            if gap is not None:
+                self.itl.observe(gap / n)
+
+    def on_finish(self, reason: str, e2e: float) -> None:
+        self.finished.labels(reason).inc()
+        self.e2e.observe(e2e)
 
     def on_embedding_batch(self, texts: int) -> None:
         self.embedding_batches.inc()
         self.embedding_texts.inc(texts)
 
-    def render(self) -> tuple[bytes, str]:
+    def render(self, capacity=None) -> tuple[bytes, str]:
+        """`capacity`: the backend's Capacity now (gauges are read at scrape time, whatever the backend)."""
+        if capacity is not None:
+            self.running.set(capacity.running)
+            self.waiting.set(capacity.waiting)
+            if capacity.kv_cache_bytes is not None:
+                self.kv_bytes.set(capacity.kv_cache_bytes)
         self.memory.set(_rss_bytes())
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 

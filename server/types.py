@@ -5,9 +5,8 @@ Nothing here imports torch: the API layer depends on this module only.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 FinishReason = Literal["stop", "length", "tool_calls", "function_call", "abort"]
 
@@ -80,34 +79,3 @@ class ModelCard:
     kind: Literal["chat", "embedding"] = "chat"
     root: str | None = None  # the underlying model for an alias or a LoRA adapter
     context_length: int | None = None
-
-
-class ChatEngine(Protocol):
-    """What the API layer needs from a chat model. Many `chat` calls may run at once."""
-
-    def models(self) -> list[ModelCard]: ...
-
-    def resolve(self, model: str) -> str | None:
-        """The adapter name (or "" for the base model) a requested model id maps to, None if unknown."""
-
-    def prepare(self, request: ChatRequest) -> PreparedChat:
-        """Render and count the prompt; raise PromptTooLong / EngineError before anything streams."""
-
-    def prepare_choices(self, requests: list[ChatRequest]) -> list[PreparedChat]:
-        """`prepare` for the n choices of one request, which differ only in sampling: the prompt is rendered once.
-        Blocking (tokenizing a long prompt takes a while): call it in a worker thread."""
-
-    def chat(self, prepared: PreparedChat) -> AsyncIterator[ChatEvent]:
-        """Events for one choice, ending with exactly one Finished. Closing the iterator cancels the request."""
-
-
-class PreparedChat(Protocol):
-    prompt_tokens: int
-
-
-class Embedder(Protocol):
-    model_id: str
-    dimensions: int
-
-    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        """Normalized vectors and the prompt token count (the embedding model's own tokenizer)."""

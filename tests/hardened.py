@@ -6,6 +6,7 @@ The real server itself is the `hardened_server` fixture in tests/hardened_server
 from __future__ import annotations
 
 from server.app import create_app
+from server.backends.base import Capacity
 from server.config import Settings
 from server.types import ModelCard
 
@@ -25,8 +26,18 @@ HARDENED_ENV = {
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
+class StubBackend:
+    def health(self):
+        return None
+
+    def capacity(self):
+        return Capacity(running=0, waiting=0, max_running=1, max_waiting=1)
+
+
 class StubEngine:
-    """Just enough of a chat engine for /v1/models: the middleware tests need no model."""
+    """Just enough of a chat service for /v1/models: the middleware tests need no model."""
+
+    backend = StubBackend()
 
     async def start(self):
         pass

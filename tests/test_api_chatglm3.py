@@ -1,7 +1,7 @@
 """ChatGLM3 end to end: the real server on the tiny ChatGLM3 checkpoint, against THUDM's golden greedy ids.
 
-A random tiny model never emits a tool call by itself, so the tool tests drive the real streaming path
-with a test-only logits hook that forces a recorded ChatGLM3 answer token by token.
+A random tiny model never emits a tool call by itself, so the tool tests drive the real streaming path with the
+real model wrapped (in this file only) so that its scores force a recorded ChatGLM3 answer token by token.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import openai
@@ -94,11 +95,11 @@ def test_tools_in_prompt_keep_the_system_message(glm_server):
     assert with_tools["usage"]["prompt_tokens"] > without["usage"]["prompt_tokens"] + 20
 
 
-# -- tool calls through the real streaming path, forced by a logits hook ---------------------------------------
+# -- tool calls through the real streaming path, forced by a wrapped model ---------------------------------------
 
 
 class ForcedAnswer:
-    """Test-only logits hook: makes the model emit `ids` (one per step), whatever the weights say."""
+    """Makes the model emit `ids` (one per step), whatever the weights say."""
 
     def __init__(self, ids: list[int]):
         self.ids = ids
@@ -110,15 +111,46 @@ class ForcedAnswer:
         return forced
 
 
+class SteeredModel(torch.nn.Module):
+    """Test-only: the real tiny model whose next-token scores `steer(seq, row)` rewrites before the engine samples.
+
+    It follows one sequence at a time (the tests send one request at a time): a call with several input ids is a
+    prefill and starts a new answer, a one-token call continues it with the token the engine picked.
+    """
+
+    def __init__(self, model, steer):
+        super().__init__()
+        self.inner, self.steer = model, steer
+        self.seq = SimpleNamespace(prompt_ids=[], generated=[])
+
+    def __getattr__(self, name):  # device, config, ...: the wrapped model's
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+    def forward(self, input_ids, **kwargs):
+        out = self.inner(input_ids=input_ids, **kwargs)
+        if kwargs.get("attention_mask") is None:  # prefill (the scheduler passes a mask only when decoding)
+            self.seq = SimpleNamespace(prompt_ids=input_ids[0].tolist(), generated=[])
+        else:
+            self.seq.generated.append(int(input_ids[0, -1]))
+        out.logits[0, -1] = self.steer(self.seq, out.logits[0, -1])
+        return out
+
+
 @pytest.fixture(scope="module")
 def glm_engine_factory():
+    from server.app import create_app
+    from server.backends.native.backend import NativeBackend
     from server.backends.native.device import place
     from server.backends.native.loader import load_chat_model
     from server.config import Settings
-    from server.serving.engine import LocalChatEngine
+    from server.serving.chat import ChatService
 
     loaded = load_chat_model(str(CHATGLM3_FIXTURES / "tiny-chatglm3"), place("cpu", "float32"), cache_dir="/tmp")
     tok = loaded.family.tokenizer
+    model = loaded.model
 
     def serve(answer_metadata: str, answer_body: str, hook=None):
         ids = tok.sp_encode(answer_metadata + "\n") + tok.sp_encode(answer_body) + [tok.observation_token_id]
@@ -129,13 +161,10 @@ def glm_engine_factory():
             forced = ids if seq.prompt_ids[-1] == tok.assistant_token_id else body_only
             return ForcedAnswer(forced)(seq, logits)
 
-        hook = hook or forced_answer
-
-        from server.app import create_app
-
-        engine = LocalChatEngine(loaded, model_id="chatglm3-6b", logits_hook=hook)
+        loaded.model = SteeredModel(model, hook or forced_answer)
+        chat = ChatService(loaded.family, NativeBackend(loaded), model_id="chatglm3-6b")
         settings = Settings(embedding_path="none", web_ui=False)
-        return ThreadedServer(create_app(settings, engine=engine))
+        return ThreadedServer(create_app(settings, engine=chat))
 
     serve.tokenizer = tok
     return serve

@@ -105,19 +105,19 @@ def test_batched_kv_decode_equals_single_sequence(lengths):
     with torch.no_grad():
         for p in prompts:
             cache = DynamicCache()
-            model(input_ids=p, past_key_values=cache, use_cache=True)
+            model(input_ids=p, cache=cache, use_cache=True)
             kv.add(cache)
             ref = DynamicCache()
-            model(input_ids=p, past_key_values=ref, use_cache=True)
+            model(input_ids=p, cache=ref, use_cache=True)
             steps = []
             for t in range(4):
-                out = model(input_ids=torch.tensor([[t + 1]]), past_key_values=ref, use_cache=True)
+                out = model(input_ids=torch.tensor([[t + 1]]), cache=ref, use_cache=True)
                 steps.append(out.logits[0, -1])
             alone.append(steps)
         for t in range(4):
             cache, mask, pos = kv.step_inputs()
             ids = torch.full((len(prompts), 1), t + 1)
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
             for row in range(len(prompts)):
                 torch.testing.assert_close(out.logits[row, -1], alone[row][t], atol=1e-5, rtol=1e-5)
             if t == 1 and len(prompts) > 1:  # a sequence leaves mid-way; the others continue unchanged
@@ -158,7 +158,7 @@ def test_forced_prefixes_hold_for_greedy_and_sampled_rows_alike(temperature):
             finished.set()
 
     prefixes = [[5, 6, 7], [5, 9], [11]]
-    scheduler = Scheduler(random_model, lambda ids: "", device=torch.device("cpu"), vocab_size=vocab, publish=publish)
+    scheduler = Scheduler(random_model, device=torch.device("cpu"), vocab_size=vocab, publish=publish)
     scheduler.start()
     try:
         for seed in range(8):
@@ -230,7 +230,7 @@ def _greedy_answers(model, vocab: int, prompts: list[list[int]], max_prefill_tok
         seen.append(input_ids.shape[1])
         return model(input_ids=input_ids, **kw)
 
-    scheduler = Scheduler(recording, lambda ids: "", device=torch.device("cpu"), vocab_size=vocab, publish=publish,
+    scheduler = Scheduler(recording, device=torch.device("cpu"), vocab_size=vocab, publish=publish,
                           max_prefill_tokens=max_prefill_tokens)
     scheduler.start()
     try:
@@ -274,7 +274,7 @@ def test_cancelling_a_request_mid_prefill_aborts_it_and_frees_its_slot():
                 if seq.request_id == "b":
                     b_done.set()
 
-    scheduler = Scheduler(model, lambda ids: "", device=torch.device("cpu"), vocab_size=vocab, publish=publish,
+    scheduler = Scheduler(model, device=torch.device("cpu"), vocab_size=vocab, publish=publish,
                           max_running=2, max_waiting=0, max_prefill_tokens=1)  # one prompt token per step
     scheduler.start()
     try:

@@ -353,7 +353,7 @@ def test_a_request_whose_sampling_fails_gets_an_error_and_frees_its_slot():
         outputs.extend(batch)
         done.set()
 
-    scheduler = Scheduler(nan_model, lambda ids: "", device=torch.device("cpu"), vocab_size=vocab, publish=publish,
+    scheduler = Scheduler(nan_model, device=torch.device("cpu"), vocab_size=vocab, publish=publish,
                           max_running=1, max_waiting=1)
     scheduler.start()
     try:

@@ -88,7 +88,7 @@ def test_each_model_answers_exactly_as_peft(server, expected):
 
 
 def test_concurrent_requests_for_different_adapters_share_batches(server, expected):
-    scheduler = server.app.state.engine.scheduler
+    scheduler = server.app.state.engine.backend.scheduler
     batches: list[set] = []
     adapter_kwargs = scheduler._adapter_kwargs
     scheduler._adapter_kwargs = lambda seqs: (batches.append({s.adapter for s in seqs}), adapter_kwargs(seqs))[1]

@@ -92,7 +92,8 @@ def tiny_paths():
     ("bfloat16", "4bit", False), ("bfloat16", "4bit", True), ("float32", "4bit", True),
 ])  # fmt: skip
 def test_estimate_matches_measured_weights(tiny_paths, dtype, quantization, double):
-    from server.backends.native.loader import load_chat_model, read_config
+    from server.backends.native.loader import load_chat_model
+    from server.model_files import read_config
 
     for path in tiny_paths:
         placement = place("cpu", dtype, quantization, double)

@@ -48,6 +48,11 @@ async def get_model(model_id: str, request: Request):
 async def health(request: Request):
     state = request.app.state
     status = getattr(state, "status", "ready")
+    engine = getattr(state, "engine", None)
+    down = engine.backend.health() if status == "ready" and engine is not None else None
+    if down:
+        error = APIError(503, f"The engine is not serving: {down}", code="engine_unavailable")
+        return JSONResponse({"status": "unavailable", **error.body()}, status_code=503, headers={"Retry-After": "5"})
     if status == "ready":
         return {"status": status}
     # /health is open even when API keys are set, so the load failure's reason (paths, hub ids) stays in the log.
@@ -62,5 +67,6 @@ async def metrics(request: Request):
     registry = getattr(request.app.state, "metrics", None)
     if registry is None:
         raise APIError(404, "Metrics are not enabled.")
-    data, content_type = registry.render()
+    engine = getattr(request.app.state, "engine", None)
+    data, content_type = registry.render(engine.backend.capacity() if engine is not None else None)
     return Response(data, media_type=content_type)

@@ -23,7 +23,7 @@ class GenerateRequest:
     sampling: SamplingParams  # stop *strings* are cut above the seam; the backend reads the rest
     max_tokens: int  # already resolved against the context: the backend never generates more
     stop_token_ids: set[int] = field(default_factory=set)  # generation ends after one of these (it is counted)
-    adapter: str | None = None  # the backend's own name of a LoRA adapter, None for the base model
+    adapter: str | None = None  # served model id of a LoRA adapter (a key of adapter_names()), None: the base
     # The answer must begin with one of these id sequences (a forced tool call's metadata line); empty: free.
     forced_prefixes: list[list[int]] = field(default_factory=list)
 

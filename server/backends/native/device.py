@@ -8,11 +8,7 @@ from typing import Any
 
 import torch
 
-from server.errors import EngineError
-
-
-class ConfigError(EngineError):
-    """A setting combination that cannot work on this machine; the message says what to change."""
+from server.errors import ConfigError
 
 
 @dataclass
@@ -118,11 +114,30 @@ def quantization_config(mode: str, device: str, dtype: torch.dtype, double_quant
     )
 
 
-def place(device: str, dtype: str, quantization: str = "none", double_quant: bool = True) -> Placement:
+def place(device: str, dtype: str, quantization: str = "none", double_quant: bool = True, *,
+          model_path: str | None = None) -> Placement:
+    """Where and in what precision a model runs. `model_path` lets DTYPE=auto on CPU weigh the model's size."""
     dev = pick_device(device)
+    if dtype == "auto" and dev == "cpu" and quantization == "none" and model_path is not None:
+        dtype = cpu_auto_dtype(_fp32_weight_bytes(model_path), _free_ram())
     dt = pick_dtype(dtype, dev, quantization)
     if dev == "cuda" and torch.cuda.device_count() > 1:
         device_map: Any = "auto"  # accelerate balances the layers over every visible GPU
     else:
         device_map = {"": dev}
     return Placement(dev, dt, device_map, quantization_config(quantization, dev, dt, double_quant))
+
+
+def _fp32_weight_bytes(model_path: str) -> int | None:
+    from server.plan import PRECISIONS, read_shape, weight_bytes
+
+    try:
+        return weight_bytes(read_shape(model_path), PRECISIONS[0])
+    except Exception:  # an unknown shape: the loader will say what is wrong; bf16 is the safe guess meanwhile
+        return None
+
+
+def _free_ram() -> int:
+    from server.plan import ram_memory
+
+    return ram_memory().free

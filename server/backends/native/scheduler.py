@@ -3,8 +3,9 @@
 Between two decode steps, waiting sequences are prefilled and join the running batch; finished or
 cancelled ones leave it. While others are generating, a prompt longer than `max_prefill_tokens` is
 prefilled one chunk per step, so it delays their next tokens by one chunk at a time, not by all of it.
-Every sequence keeps its own sampling state, stop strings and token budget. Results cross back to the
-event loop through `publish`: a newcomer's first token as soon as it is sampled, the rest once per step.
+Every sequence keeps its own sampling state, stop tokens and token budget; it works on token ids only
+(text, stop strings and tool calls are the serving layer's). Results cross back to the event loop through
+`publish`: a newcomer's first token as soon as it is sampled, the rest once per step.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +23,6 @@ from transformers import DynamicCache
 from server.backends.native.kv_cache import BatchKV
 from server.backends.native.sampling import NonFiniteLogits, Sampler
 from server.errors import EngineOverloaded
-from server.serving.decode import IncrementalDetokenizer, StopStrings
 from server.types import SamplingParams
 
 log = logging.getLogger("glm_serve.scheduler")
@@ -31,9 +30,8 @@ log = logging.getLogger("glm_serve.scheduler")
 
 @dataclass
 class StepOutput:
-    text: str
+    token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
-    completion_tokens: int = 0
     error: str | None = None
 
 
@@ -44,7 +42,7 @@ class Sequence:
     max_tokens: int
     stop_token_ids: set[int]
     sink: Callable[[StepOutput], None]  # called on the event loop thread
-    adapter: str | None = None
+    adapter: str | None = None  # peft adapter name
     request_id: str = ""
     forced_prefixes: list[list[int]] = field(default_factory=list)  # the answer starts with one of these
     generated: list[int] = field(default_factory=list)
@@ -56,8 +54,6 @@ class Sequence:
     prefilled: int = 0  # prompt tokens already in prefill_cache
     prefill_cache: DynamicCache | None = None
     sampler: Sampler | None = None
-    detok: IncrementalDetokenizer | None = None
-    stops: StopStrings | None = None
 
     def allowed_next(self) -> list[int]:
         """The tokens that keep the answer on one of `forced_prefixes`; [] once one is complete (or none given)."""
@@ -71,14 +67,10 @@ class Sequence:
         return sorted(allowed)
 
 
-LogitsHook = Callable[[Sequence, torch.Tensor], torch.Tensor]
-
-
 class Scheduler:
     def __init__(
         self,
         model,
-        decode: Callable[[Seq[int]], str],
         *,
         device: torch.device,
         vocab_size: int,
@@ -86,19 +78,14 @@ class Scheduler:
         max_running: int = 16,
         max_waiting: int = 64,
         max_prefill_tokens: int = 0,
-        logits_hook: LogitsHook | None = None,
-        observer=None,
     ):
         self.model = model
-        self.decode = decode
         self.device = device
         self.vocab_size = vocab_size
         self.publish = publish
         self.max_running = max_running
         self.max_waiting = max_waiting
         self.max_prefill_tokens = max_prefill_tokens  # chunk size for long prompts; 0: whole prompts
-        self.logits_hook = logits_hook
-        self.observer = observer  # metrics: on_step(running, waiting, kv_bytes), on_first_token(seq), ...
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.prefilling: Sequence | None = None  # admitted, its prompt partly prefilled (chunked prefill)
@@ -122,7 +109,7 @@ class Scheduler:
         with self._cond:
             if len(self._accepted) >= self.max_running + self.max_waiting:
                 raise EngineOverloaded(
-                    f"The server is at capacity ({len(self.running)} running, {len(self.waiting)} waiting). "
+                    f"The server is at capacity ({self.num_running} running, {len(self.waiting)} waiting). "
                     "Retry shortly or raise MAX_WAITING_REQUESTS."
                 )
             self._accepted.add(seq)
@@ -166,14 +153,12 @@ class Scheduler:
                 log.exception("engine step failed; ending %d running request(s)", len(self.running))
                 for seq in self.running:
                     seq.finished = True
-                    outputs.append((seq, StepOutput("", "error", len(seq.generated), error=str(exc))))
+                    outputs.append((seq, StepOutput([], "error", error=str(exc))))
                 self.running = []
                 self.kv = BatchKV()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
             self._emit(outputs)
-            if self.observer is not None:
-                self.observer.on_step(self.num_running, len(self.waiting), self.kv.nbytes())
 
     def _emit(self, outputs: list[tuple[Sequence, StepOutput]]) -> None:
         self._release([s for s, out in outputs if out.finish_reason])
@@ -187,20 +172,20 @@ class Scheduler:
                 for s in self.waiting:
                     if s.cancelled:
                         s.finished = True
-                        outputs.append((s, StepOutput("", "abort", 0)))
+                        outputs.append((s, StepOutput([], "abort")))
                 self.waiting = deque(s for s in self.waiting if not s.cancelled)
         if any(s.cancelled for s in self.running):
             keep = [i for i, s in enumerate(self.running) if not s.cancelled]
             for s in self.running:
                 if s.cancelled:
                     s.finished = True
-                    outputs.append((s, StepOutput("", "abort", len(s.generated))))
+                    outputs.append((s, StepOutput([], "abort")))
             self.running = [self.running[i] for i in keep]
             self.kv.keep(keep)
         if self.prefilling is not None and self.prefilling.cancelled:
             seq, self.prefilling = self.prefilling, None
             seq.finished, seq.prefill_cache = True, None
-            outputs.append((seq, StepOutput("", "abort", 0)))
+            outputs.append((seq, StepOutput([], "abort")))
 
     def _admit(self, outputs) -> None:
         while True:
@@ -213,7 +198,7 @@ class Scheduler:
                     seq = self.waiting.popleft()
                 if seq.cancelled:
                     seq.finished = True
-                    outputs.append((seq, StepOutput("", "abort", 0)))
+                    outputs.append((seq, StepOutput([], "abort")))
                     continue
                 self.prefilling = seq
             seq = self.prefilling
@@ -229,7 +214,7 @@ class Scheduler:
             except Exception as exc:
                 log.exception("prefill failed for request %s", seq.request_id)
                 self.prefilling, seq.prefill_cache, seq.finished = None, None, True
-                outputs.append((seq, StepOutput("", "error", 0, error=str(exc))))
+                outputs.append((seq, StepOutput([], "error", error=str(exc))))
                 continue
             self.prefilling = None
             cache, seq.prefill_cache = seq.prefill_cache, None
@@ -244,12 +229,10 @@ class Scheduler:
         """Feed the next `take` prompt tokens; the logits after the last of them."""
         if seq.prefill_cache is None:
             seq.sampler = Sampler(seq.params, seq.prompt_ids, self.vocab_size, self.device)
-            seq.detok = IncrementalDetokenizer(self.decode)
-            seq.stops = StopStrings(seq.params.stop)
             seq.prefill_cache = DynamicCache()
         chunk = seq.prompt_ids[seq.prefilled : seq.prefilled + take]
         ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=ids, past_key_values=seq.prefill_cache, use_cache=True, logits_to_keep=1,
+        out = self.model(input_ids=ids, cache=seq.prefill_cache, use_cache=True, logits_to_keep=1,
                          **self._adapter_kwargs([seq]))
         seq.prefilled += take
         return out.logits[0, -1].float()
@@ -257,7 +240,7 @@ class Scheduler:
     def _decode_step(self, outputs) -> None:
         cache, mask, positions = self.kv.step_inputs()
         ids = torch.tensor([[s.generated[-1]] for s in self.running], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                          use_cache=True, **self._adapter_kwargs(self.running))
         tokens = self._sample(self.running, out.logits[:, -1].float())
         keep = []
@@ -276,8 +259,6 @@ class Scheduler:
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | Exception]:
         """One token per row, or the error that row hit: one bad row must not end the whole batch."""
-        if self.logits_hook is not None:
-            logits = torch.stack([self.logits_hook(s, row) for s, row in zip(seqs, logits)])
         for i, seq in enumerate(seqs):
             if allowed := seq.allowed_next():
                 keep = torch.tensor(allowed, device=logits.device)
@@ -309,26 +290,16 @@ class Scheduler:
         """Account for one generated token (or its sampling error); decide whether the sequence is done."""
         if isinstance(token, Exception):
             seq.finished = True
-            return StepOutput("", "error", len(seq.generated), error=str(token))
+            return StepOutput([], "error", error=str(token))
         if seq.first_token_at is None:
             seq.first_token_at = time.monotonic()
         seq.generated.append(token)
         seq.sampler.observe(token)
         finish = None
         if token in seq.stop_token_ids:
-            text, finish = self._drain(seq), "stop"  # the stop token itself never becomes text
-        else:
-            text, hit = seq.stops.push(seq.detok.push(token))
-            if hit:
-                finish = "stop"
-            elif len(seq.generated) >= seq.max_tokens:
-                text += self._drain(seq)
-                finish = "length"
+            finish = "stop"
+        elif len(seq.generated) >= seq.max_tokens:
+            finish = "length"
         if finish:
             seq.finished = True
-        return StepOutput(text, finish, len(seq.generated))
-
-    @staticmethod
-    def _drain(seq: Sequence) -> str:
-        text, hit = seq.stops.push(seq.detok.flush())
-        return text if hit else text + seq.stops.flush()
+        return StepOutput([token], finish)
