@@ -33,14 +33,19 @@ def build_messages(
     """
     ids = tokenizer.prefix_tokens()
     for item in messages:
-        content = item["content"]
-        if item["role"] == "system" and "tools" in item:
-            content = content + "\n" + json.dumps(item["tools"], indent=4, ensure_ascii=False)
-        ids += tokenizer.build_single_message(item["role"], item.get("metadata", ""), content)
+        ids += message_ids(tokenizer, item)
     ids.append(tokenizer.assistant_token_id)
     if metadata is not None:
         ids += tokenizer.sp_encode(f"{metadata}\n")
     return ids
+
+
+def message_ids(tokenizer: ChatGLM3Tokenizer, item: dict[str, Any]) -> list[int]:
+    """The ids of one official-format message inside a prompt (fine-tuning encodes rows with it too)."""
+    content = item["content"]
+    if item["role"] == "system" and "tools" in item:
+        content = content + "\n" + json.dumps(item["tools"], indent=4, ensure_ascii=False)
+    return tokenizer.build_single_message(item["role"], item.get("metadata", ""), content)
 
 
 def build_chat_input(tokenizer: ChatGLM3Tokenizer, query: str, history=None, role: str = "user") -> list[int]:
