@@ -1,0 +1,204 @@
+"""VLLMBackend: the token-level Backend over a vLLM server in --tokens-only mode (ours or someone else's).
+
+The upstream (supervisor.Supervisor in launch mode, remote.Remote in connect mode) says where vLLM is and whether
+it is up; this class admits sequences, speaks HTTP through one pooled client and maps failures to our errors.
+Admission is ours: MAX_RUNNING_REQUESTS + MAX_WAITING_REQUESTS sequences in flight, then EngineOverloaded (429)
+before any byte, as on the native engine; vLLM queues what exceeds its --max-num-seqs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import uuid
+
+import httpx
+import orjson
+
+from server.backends.base import Capacity, GenerateRequest
+from server.backends.vllm.probe import ServerInfo, running_requests, server_info
+from server.backends.vllm.stream import VLLMStream
+from server.backends.vllm.wire import ABORT_PATH, UPSTREAM_ID_PREFIX, error_message
+from server.errors import ConfigError, EngineError, EngineFailure, EngineOverloaded, EngineUnavailable
+
+log = logging.getLogger("glm_serve.vllm")
+
+RESTART_RETRY_AFTER = 30.0  # seconds a client is told to wait while vLLM is down (a restart takes ~1 min)
+
+
+class VLLMBackend:
+    name = "vllm"
+
+    def __init__(
+        self,
+        upstream,
+        *,
+        context_length: int,
+        max_running: int = 16,
+        max_waiting: int = 64,
+        request_timeout: float = 600.0,
+        adapters: dict[str, str] | None = None,
+        vocab_size: int | None = None,
+        summary: dict[str, str] | None = None,
+        api_key: str = "",
+    ):
+        self.upstream = upstream
+        self.context_length = context_length  # from config.json until vLLM tells its own max_model_len
+        self.max_running = max_running
+        self.max_waiting = max_waiting
+        self.read_timeout = request_timeout
+        self.vocab_size = vocab_size
+        self.info: ServerInfo | None = None
+        self.client: httpx.AsyncClient | None = None
+        self._adapters = dict(adapters or {})  # served model id -> vLLM's adapter name
+        self._summary = dict(summary or {})
+        self._streams: set[VLLMStream] = set()
+        self._aborts: set[asyncio.Task] = set()
+        self._ids = itertools.count(1)
+        self._tag = uuid.uuid4().hex[:8]  # upstream ids stay unique when several glm-serve share one vLLM
+        self._started = False
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}  # a vLLM started with --api-key
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    async def start(self) -> None:
+        slots = self.max_running + self.max_waiting
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(connect=10.0, read=self.read_timeout, write=30.0, pool=30.0),
+            limits=httpx.Limits(max_connections=slots + 16, max_keepalive_connections=self.max_running + 8),
+            headers=self._headers,
+        )
+        self.upstream.on_down = self._fail_all
+        try:
+            await self.upstream.start(self.client)
+            self.info = info = await server_info(self.client, self.upstream.base_url, where=self._where())
+        except BaseException:
+            await self.upstream.stop()
+            await self.client.aclose()
+            raise
+        if info.max_model_len:
+            self.context_length = info.max_model_len
+        missing = sorted(set(self._adapters.values()) - set(info.lora))
+        if missing:
+            await self.stop()
+            raise ConfigError(f"{self._where()} has no LoRA adapter named {', '.join(missing)} (it has: "
+                              f"{', '.join(info.lora) or 'none'}). Start vLLM with --enable-lora --lora-modules "
+                              "NAME=PATH for each adapter in LORA_MODULES.")
+        if info.tokenizer_loaded:
+            log.warning("%s loads a tokenizer (not --tokens-only): it works, but vLLM detokenizes every token for "
+                        "nothing; restart it with --tokens-only.", self._where())
+        self._started = True
+
+    async def stop(self) -> None:
+        self._started = False
+        self._fail_all("glm-serve is shutting down")
+        await self.upstream.stop()
+        if self._aborts:
+            await asyncio.wait(list(self._aborts), timeout=5.0)
+        if self.client is not None:
+            await self.client.aclose()
+
+    # -- the seam ----------------------------------------------------------------------------------
+    def generate(self, request: GenerateRequest) -> VLLMStream:
+        if reason := self.health():
+            raise EngineUnavailable(reason, retry_after=RESTART_RETRY_AFTER)
+        if len(self._streams) >= self.max_running + self.max_waiting:
+            raise EngineOverloaded(f"The server is at capacity ({self.max_running} running and "
+                                   f"{self.max_waiting} waiting requests); retry shortly.")
+        self._check_ids(request)
+        model = None
+        if request.adapter:
+            if request.adapter not in self._adapters:
+                raise EngineError(f"No LoRA adapter {request.adapter!r} on this server.", param="model",
+                                  code="model_not_found")
+            model = self._adapters[request.adapter]
+        stream = VLLMStream(self, request, f"{request.request_id or 'seq'}-{self._tag}{next(self._ids)}", model)
+        self._streams.add(stream)
+        return stream
+
+    def adapter_names(self) -> dict[str, str]:
+        return dict(self._adapters)
+
+    def capacity(self) -> Capacity:
+        n = len(self._streams)
+        return Capacity(running=min(n, self.max_running), waiting=max(0, n - self.max_running),
+                        max_running=self.max_running, max_waiting=self.max_waiting,
+                        kv_cache_bytes=self.info.kv_cache_bytes if self.info else None)
+
+    def health(self) -> str | None:
+        return self.upstream.down_reason() if self._started else "vLLM is not started"
+
+    def describe(self) -> list[str]:
+        info, up, s = self.info, self.upstream, self._summary
+        ready = f", ready in {up.ready_seconds:.1f} s" if up.ready_seconds else ""
+        lines = [f"engine       vLLM {info.version if info else '?'} (token-in/token-out API), {up.describe()}{ready}",
+                 f"model        {s.get('model', '?')} (vLLM name {info.model if info else '?'})   "
+                 f"context {self.context_length} tokens",
+                 f"placement    {s.get('placement', 'as that vLLM server was started')}",
+                 f"batching     {self.max_running} running (vLLM --max-num-seqs), {self.max_waiting} more waiting "
+                 "before 429" + (f"   KV cache {info.kv_cache_bytes / 2**30:.1f} GiB"
+                                 if info and info.kv_cache_bytes else "")]
+        if self._adapters:
+            lines.append(f"lora         {s.get('lora') or ', '.join(self._adapters)}")
+        return lines
+
+    # -- helpers for the streams -------------------------------------------------------------------
+    def url(self, path: str) -> str:
+        return f"{self.upstream.base_url}{path}"
+
+    def _release(self, stream: VLLMStream) -> None:
+        self._streams.discard(stream)
+
+    def _abort_later(self, upstream_id: str) -> None:
+        """POST abort_requests in the background (cancel() must not await)."""
+        if self.client is None or self.client.is_closed:
+            return
+        task = asyncio.get_running_loop().create_task(self._abort(upstream_id))
+        self._aborts.add(task)
+        task.add_done_callback(self._aborts.discard)
+
+    async def _abort(self, upstream_id: str) -> None:
+        with contextlib.suppress(httpx.HTTPError, RuntimeError):
+            await self.client.post(self.url(ABORT_PATH), json={"request_ids": [UPSTREAM_ID_PREFIX + upstream_id]},
+                                   timeout=5.0)
+
+    def _fail_all(self, reason: str) -> None:
+        for stream in list(self._streams):
+            stream.fail(EngineUnavailable(reason, retry_after=RESTART_RETRY_AFTER))
+
+    def connection_lost(self, exc: BaseException) -> EngineUnavailable:
+        down = self.upstream.down_reason()
+        why = down or f"lost the connection to vLLM at {self.upstream.base_url} ({type(exc).__name__}: {exc})"
+        return EngineUnavailable(why, retry_after=RESTART_RETRY_AFTER)
+
+    def http_error(self, status: int, body: bytes) -> EngineError:
+        try:
+            message = error_message(orjson.loads(body))
+        except orjson.JSONDecodeError:
+            message = body[:300].decode("utf-8", "replace")
+        if status == 400:
+            return EngineError(f"vLLM refused the request: {message}")
+        if status == 429:
+            return EngineOverloaded(f"vLLM is at capacity: {message}")
+        if status == 503 or "EngineCore" in message or "EngineDead" in message:
+            return EngineUnavailable(f"vLLM is not serving: {message}", retry_after=RESTART_RETRY_AFTER)
+        return EngineFailure(f"vLLM answered {status}: {message}")
+
+    def _check_ids(self, request: GenerateRequest) -> None:
+        # vLLM 0.32 does not range-check ids on this API: one id past the embedding kills its engine (seen here).
+        if not request.prompt_ids:
+            raise EngineError("The prompt is empty: vLLM needs at least one token.")
+        limit = self.vocab_size
+        ids = [*request.prompt_ids, *(t for p in request.forced_prefixes for t in p)]
+        bad = [t for t in ids if t < 0 or (limit is not None and t >= limit)]
+        if bad:
+            raise EngineError(f"Token id {bad[0]} is outside the model's vocabulary"
+                              + (f" (0..{limit - 1})." if limit is not None else "."))
+
+    def _where(self) -> str:
+        return f"the vLLM at {self.upstream.base_url}"
+
+    async def upstream_requests(self) -> tuple[float, float]:
+        """vLLM's own running and waiting gauges (its /metrics): what an abort must bring down."""
+        return await running_requests(self.client, self.upstream.base_url)

@@ -1,0 +1,113 @@
+"""The wire format of vLLM's token-in/token-out API (`--tokens-only`): our request -> its JSON, its SSE -> chunks.
+
+Verified against vLLM 0.32 (entrypoints/scale_out/token_in_token_out) and a running server:
+- POST /inference/v1/generate {"request_id", "token_ids", "sampling_params", "stream", "model"}; vLLM prefixes
+  the id, so the id to abort is "generate-tokens-<request_id>" (POST /inference/v1/abort_requests
+  {"request_ids": [...]}; it answers 200 at once and aborts in the background).
+- Streamed: `data: {"choices": [{"token_ids": [...], "finish_reason": null|"stop"|"length"|"abort"|"error",
+  "stop_reason": <id>|null}]}` per step, then `data: [DONE]`; an error inside the stream is
+  `data: {"error": {"message", "type", "code"}}`. Errors before the first byte are plain JSON with a status.
+- The stop token that ended a sequence is the last id of its chunk (stop_reason = that id).
+- With ignore_eos=false vLLM also stops on the model's own eos and generation_config eos ids; with
+  ignore_eos=true only `stop_token_ids` end generation. The serving layer owns the stop list, so we always send
+  ignore_eos=true plus our ids.
+- Stop *strings* are refused on a --tokens-only server (400); they are cut above the seam anyway.
+- max_tokens must be >= 1 (400 otherwise); top_k 0 means off (as ours); temperature 0 is greedy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from server.backends.base import BackendFinish, TokenChunk
+from server.types import SamplingParams
+
+GENERATE_PATH = "/inference/v1/generate"
+ABORT_PATH = "/inference/v1/abort_requests"
+UPSTREAM_ID_PREFIX = "generate-tokens-"  # what vLLM puts before our request_id (serving.py, serve_tokens)
+
+_FINISH: dict[str, BackendFinish] = {"stop": "stop", "length": "length", "abort": "abort"}
+
+
+class UpstreamError(Exception):
+    """vLLM reported an error inside a stream (its own generation failed)."""
+
+
+def sampling_params(
+    sampling: SamplingParams,
+    *,
+    max_tokens: int,
+    stop_token_ids: set[int],
+    allowed_token_ids: list[int] | None = None,
+) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "max_tokens": max_tokens,
+        "temperature": max(sampling.temperature, 0.0),
+        "top_p": sampling.top_p,
+        "top_k": sampling.top_k,  # 0 = off in both
+        "presence_penalty": sampling.presence_penalty,
+        "frequency_penalty": sampling.frequency_penalty,
+        "repetition_penalty": sampling.repetition_penalty,
+        # Only OUR stop ids end a sequence: without ignore_eos vLLM would add the checkpoint's eos ids.
+        "ignore_eos": True,
+        "stop_token_ids": sorted(stop_token_ids),
+        "detokenize": False,
+    }
+    if sampling.seed is not None:
+        params["seed"] = sampling.seed
+    if allowed_token_ids is not None:
+        params["allowed_token_ids"] = allowed_token_ids
+    return params
+
+
+def generate_body(
+    request_id: str,
+    token_ids: list[int],
+    params: dict[str, Any],
+    *,
+    model: str | None,
+    stream: bool,
+) -> bytes:
+    body: dict[str, Any] = {"request_id": request_id, "token_ids": token_ids, "sampling_params": params,
+                            "stream": stream}
+    if model:
+        body["model"] = model  # a LoRA adapter's name; absent: the base model
+    return orjson.dumps(body)
+
+
+def parse_event(line: str) -> TokenChunk | None:
+    """One SSE line -> a chunk; None for keep-alives, blank lines and the final `[DONE]`."""
+    if not line.startswith("data:"):
+        return None
+    data = line[5:].strip()
+    if not data or data == "[DONE]":
+        return None
+    event = orjson.loads(data)
+    if "error" in event:
+        raise UpstreamError(error_message(event))
+    choices = event.get("choices") or []
+    if not choices:
+        return None  # a usage-only chunk
+    return choice_chunk(choices[0])
+
+
+def choice_chunk(choice: dict[str, Any]) -> TokenChunk:
+    reason = choice.get("finish_reason")
+    if reason is None:
+        return TokenChunk(list(choice.get("token_ids") or []), None)
+    if reason not in _FINISH:  # "error" (vLLM sends it as an error event too), or one we do not know
+        raise UpstreamError(f"vLLM ended the sequence with finish_reason {reason!r}")
+    return TokenChunk(list(choice.get("token_ids") or []), _FINISH[reason])
+
+
+def error_message(payload: Any) -> str:
+    """The message of vLLM's error JSON ({"error": {"message": ...}}, or FastAPI's {"detail": ...})."""
+    if isinstance(payload, dict):
+        err = payload.get("error")
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+        if payload.get("detail"):
+            return str(payload["detail"])
+    return str(payload)[:500]
