@@ -63,6 +63,9 @@ class VLLMBackend:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
+        httpx_log = logging.getLogger("httpx")
+        if httpx_log.level == logging.NOTSET:  # its INFO line per request would log every 2 s health poll
+            httpx_log.setLevel(logging.WARNING)
         slots = self.max_running + self.max_waiting
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(connect=10.0, read=self.read_timeout, write=30.0, pool=30.0),

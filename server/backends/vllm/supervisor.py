@@ -47,6 +47,7 @@ STABLE_SECONDS = 60.0  # serving this long after a restart resets the failure co
 HEALTH_INTERVAL = 2.0
 HEALTH_TIMEOUT = 10.0
 HEALTH_FAILURES = 3
+_EXIT_NOISE = re.compile(r"nanobind|^ - leaked |^ - \.\.\. skipped remainder|leaked \d+ (types|functions|instances)")
 _LEVEL = re.compile(r"\b(DEBUG|INFO|WARNING|ERROR|CRITICAL)\b \d\d-\d\d ")
 
 
@@ -244,8 +245,8 @@ class Supervisor:
 
 
 def _line_level(line: str) -> int:
-    if "Route:" in line:
-        return logging.DEBUG  # ~60 lines listing vLLM's routes at every start
+    if "Route:" in line or _EXIT_NOISE.search(line):
+        return logging.DEBUG  # ~60 lines listing vLLM's routes at every start; ~50 of triton's at every exit
     m = _LEVEL.search(line)
     return getattr(logging, m[1]) if m else logging.INFO
 
