@@ -23,7 +23,7 @@ SWITCH = ("auto", "on", "off")
 OVERLONG = ("truncate", "drop")
 # Settings that may change when a run is resumed: how long it goes on, how often it saves, where it is printed.
 # The data may move (its contents are checked by hash instead).
-RESUMABLE = {"max_steps", "epochs", "save_steps", "resume", "plan", "config", "name", "data", "eval_data"}
+RESUMABLE = {"max_steps", "epochs", "save_steps", "resume", "plan", "config", "name", "data", "eval_data", "threads"}
 
 
 class ConfigError(ValueError):
@@ -70,6 +70,8 @@ class FinetuneConfig:
     dtype: str = _f("auto", "base weights / compute dtype (auto: bf16 on GPUs that have it, else fp16; "
                     "CPU: float32 when it fits in half the free RAM, else bf16)", DTYPES)
     quant_double: bool = _f(True, "qlora: double quantization of the 4-bit scales")
+    threads: int = _f(0, "CPU threads for torch (0: its default, one per core); on a CPU busy with other work 1 can "
+                      "be several times faster")
     gradient_checkpointing: str = _f("auto", "recompute activations in backward (less memory, ~30% slower; "
                                      "auto: on for GPUs)", SWITCH)
     name: str = _f("", "served model id of the adapter in the printed serve command (default: --out's name)")
@@ -89,7 +91,8 @@ class FinetuneConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-        for name in ("max_steps", "warmup_steps", "save_steps", "weight_decay", "max_grad_norm", "learning_rate"):
+        for name in ("max_steps", "warmup_steps", "threads", "save_steps", "weight_decay", "max_grad_norm",
+                     "learning_rate"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must not be negative")
         if not 0 <= self.eval_split < 1:

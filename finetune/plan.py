@@ -6,10 +6,12 @@ weight sizes, this machine's GPUs and RAM, the same verdict). Training adds:
             AdamW's two moments
   act.      activations kept for backward, for full-length batches (batch x max-length tokens; batches of
             shorter rows pad less and need less). The base is frozen, so a linear layer keeps no input unless
-            it carries LoRA: per layer and token, the two norm inputs (2 h), attention's q, k, v and output
-            (2 q + 2 kv), the MLP's gate and up (2 f), plus each adapted module's input; with gradient
-            checkpointing only each layer's input (h) is kept, plus one layer's worth while it is recomputed
-  logits    batch x length x vocab x (compute dtype + 8 bytes: the float32 copy the loss takes and its gradient)
+            it carries LoRA: per layer and token, each RMSNorm's float32 input, normalized value and output
+            (2 x 3 h), attention's q, k and v (k and v repeated to all heads) and output (4 q), the MLP's gate,
+            activation and up (3 f), plus each adapted module's input; with gradient checkpointing only each
+            layer's input (h) is kept, plus one layer's worth while it is recomputed
+  logits    batch x length x vocab x (compute dtype + 12 bytes: the float32 log-softmax the loss keeps, and the
+            gradients of both)
 An estimate for choosing settings, not a measurement: the allocator's slack comes on top.
 """
 
@@ -50,8 +52,9 @@ def adapted(shape, targets) -> list[tuple[int, int]]:
 
 def activation_bytes(shape, targets, tokens: int, dtype_bytes: int, checkpointing: bool) -> int:
     h, f = shape.hidden, shape.intermediate
-    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    per_layer = dtype_bytes * (2 * h + 2 * q + 2 * kv + 2 * f + sum(i for _, i in adapted(shape, targets)))
+    q = shape.heads * shape.head_dim
+    norms = 2 * 3 * h * 4  # computed in float32 whatever the dtype
+    per_layer = norms + dtype_bytes * (4 * q + 3 * f + sum(i for _, i in adapted(shape, targets)))
     if checkpointing:
         return tokens * (shape.layers * h * dtype_bytes + per_layer)
     return tokens * shape.layers * per_layer
@@ -70,7 +73,7 @@ def make_rows(cfg: FinetuneConfig, shape, targets, gpus, ram, device: str, check
         p = precision_of(quant, dtype_bytes, cfg.quant_double)
         row = TrainRow(label, weight_bytes(shape, p), lora,
                        activation_bytes(shape, targets, tokens, dtype_bytes, checkpointing),
-                       tokens * shape.vocab * (dtype_bytes + 8))
+                       tokens * shape.vocab * (dtype_bytes + 12))
         row.current = method == cfg.method and (method == "qlora" or (dtype_bytes == 4) == fp32)
         row.verdict = verdict(row.total, p, gpus, ram, device)
         rows.append(row)

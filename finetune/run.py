@@ -94,6 +94,8 @@ def run(cfg: FinetuneConfig, on_step=None) -> Result:
     from finetune.loop import Trainer
 
     started = time.monotonic()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     out, tm, train, evals, data_summary = prepare(cfg)
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
