@@ -126,8 +126,8 @@ class VLLMBackend:
     def capacity(self) -> Capacity:
         n = len(self._streams)
         return Capacity(running=min(n, self.max_running), waiting=max(0, n - self.max_running),
-                        max_running=self.max_running, max_waiting=self.max_waiting,
-                        kv_cache_bytes=self.info.kv_cache_bytes if self.info else None)
+                        max_running=self.max_running, max_waiting=self.max_waiting)
+        # (vLLM preallocates its whole KV pool: its size is in describe(), not in the "held by the batch" gauge)
 
     def health(self) -> str | None:
         return self.upstream.down_reason() if self._started else "vLLM is not started"
