@@ -14,13 +14,15 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from server.api import chat, embeddings, models
+from server.api import chat, embeddings, models, responses
 from server.api.auth import AuthMiddleware, KeyRing
 from server.api.errors import install_error_handlers
 from server.api.limits import BodyLimitMiddleware
 from server.api.middleware import RequestContextMiddleware
+from server.api.owner import Owners
 from server.config import Settings
 from server.metrics import Metrics
+from server.serving.responses_store import ResponseStore
 
 log = logging.getLogger("glm_serve")
 
@@ -45,6 +47,7 @@ def create_app(settings: Settings, *, engine=None, embedder=None, on_load_failur
             for part in (getattr(app.state, "engine", None), getattr(app.state, "embedder", None)):
                 if part is not None:
                     await part.stop()
+            app.state.responses_store.close()
 
     app = FastAPI(title="glm-serve", version="0.1.0", lifespan=lifespan,
                   description="OpenAI- and ZhipuAI-compatible chat completions and embeddings.")
@@ -54,8 +57,10 @@ def create_app(settings: Settings, *, engine=None, embedder=None, on_load_failur
     app.state.embedder = None
     app.state.embedding_names = []
     app.state.embeddings_disabled = settings.embedding_path.lower() == "none"
+    app.state.responses_store = ResponseStore.from_settings(settings)  # the file opens on first use
+    app.state.responses_owners = Owners(settings.api_key_list)
     install_error_handlers(app)
-    for router in (chat.router, embeddings.router, models.router):
+    for router in (chat.router, embeddings.router, models.router, responses.router):
         app.include_router(router)
     _install_middleware(app, settings, metrics)
     if settings.web_ui:
@@ -79,7 +84,7 @@ def _install_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> N
         if wildcard:
             origins = ["*"]
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_credentials=not wildcard,
-                           allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"],
+                           allow_methods=["GET", "POST", "DELETE", "OPTIONS"], allow_headers=["*"],
                            expose_headers=["X-Request-ID", "Retry-After"])
 
 

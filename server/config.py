@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     web_ui: bool = Field(True, description="serve the chat page at /")
     log_level: str = Field("info", description="debug, info, warning, error")
     cache_dir: str = Field(str(Path.home() / ".cache" / "glm-serve"), description="converted GGUF copies live here")
+    responses_store: str = Field("", description="SQLite file of stored /v1/responses (default: "
+                                 "CACHE_DIR/responses.sqlite3)")
+    responses_max_stored: int = Field(10000, ge=1, description="stored responses kept; the oldest go first")
+    responses_max_age: float = Field(30 * 86400.0, gt=0, description="seconds a stored response is kept (30 days)")
 
     @field_validator("max_running_requests", "max_waiting_requests")
     @classmethod
@@ -95,6 +99,10 @@ class Settings(BaseSettings):
     @property
     def cors_origin_list(self) -> list[str]:
         return split_csv(self.cors_origins)
+
+    @property
+    def responses_store_path(self) -> Path:
+        return Path(self.responses_store or Path(self.cache_dir) / "responses.sqlite3").expanduser()
 
 
 def split_csv(value: str) -> list[str]:

@@ -55,3 +55,23 @@ def chat_stream_payloads(raw: bytes) -> list[dict]:
     if "[DONE]" in events[:-1]:
         raise SSEError("events after [DONE]")
     return payloads
+
+
+def responses_stream_events(raw: bytes) -> list[dict]:
+    """The events of a /v1/responses stream, as strictly: each is an `event:` line naming the type of its one
+    `data:` line (JSON), UTF-8 throughout, and the stream ends at the blank line closing its last event."""
+    text = raw.decode("utf-8")
+    if not text.endswith("\n\n") and not text.endswith("\r\n\r\n"):
+        raise SSEError(f"stream does not end with a blank line: {text[-40:]!r}")
+    events = []
+    for block in _LINE_END.sub("\n", text).split("\n\n"):
+        lines = [line for line in block.split("\n") if line and not line.startswith(":")]
+        if not lines:
+            continue
+        if len(lines) != 2 or not lines[0].startswith("event: ") or not lines[1].startswith("data: "):
+            raise SSEError(f"not one event line and one data line: {block[:120]!r}")
+        payload = json.loads(lines[1][len("data: "):])
+        if payload.get("type") != lines[0][len("event: "):]:
+            raise SSEError(f"event {lines[0]!r} carries data of type {payload.get('type')!r}")
+        events.append(payload)
+    return events

@@ -18,12 +18,13 @@ from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.responses import Response
 from schemathesis import GenerationMode
 
 from server.families.chatglm3.tools import ChatGLM3OutputParser, parse_tool_call, render_tool_call
 from server.serving.decode import IncrementalDetokenizer, StopStrings
 from tests.hardened import stub_app
-from tests.sse import chat_stream_payloads
+from tests.sse import chat_stream_payloads, responses_stream_events
 from tests.support import CHATGLM3_FIXTURES, running_server
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "0"))
@@ -51,8 +52,9 @@ def assert_openai_error(body: bytes, status: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def fuzz_server():
-    with running_server(FUZZ_ENV, name="fuzz") as srv:
+def fuzz_server(tmp_path_factory):
+    store = tmp_path_factory.mktemp("fuzz") / "responses.sqlite3"
+    with running_server({**FUZZ_ENV, "RESPONSES_STORE": str(store)}, name="fuzz") as srv:
         yield srv
 
 
@@ -73,14 +75,16 @@ OPERATIONS = [(method.upper(), path, mode) for path, ops in stub_app().openapi()
 def _small_generation(case) -> None:
     """At most 8 new tokens per choice; values the server must refuse anyway are left for it to refuse."""
     body = case.body
-    if case.path != "/v1/chat/completions" or not isinstance(body, dict):
+    fields = {"/v1/chat/completions": ("max_tokens", "max_completion_tokens"),
+              "/v1/responses": ("max_output_tokens",)}.get(case.path)
+    if fields is None or not isinstance(body, dict):
         return
-    for field in ("max_tokens", "max_completion_tokens"):
+    for field in fields:
         value = body.get(field)
         if type(value) is int and value > 8:
             body[field] = 8 if value <= 512 else value  # > 512 is over the context: a 400 to check
-    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
-        body["max_tokens"] = 8
+    if all(body.get(field) is None for field in fields):
+        body[fields[0]] = 8
 
 
 @pytest.mark.slow
@@ -98,7 +102,14 @@ def test_openapi_fuzz_no_5xx_and_openai_errors(api_schema, fuzz_server, method, 
         assert_openai_error(response.content, response.status_code)
         return
     content_type = (response.headers.get("content-type") or [""])[0]
-    if content_type.startswith("text/event-stream"):
+    if content_type.startswith("text/event-stream") and case.path == "/v1/responses":
+        if not response.stream_cut_short:
+            events = responses_stream_events(response.content)
+            assert [e["sequence_number"] for e in events] == list(range(len(events)))
+            for event in events:
+                if "response" in event:
+                    Response.model_validate(event["response"])
+    elif content_type.startswith("text/event-stream"):
         if not response.stream_cut_short:
             for payload in chat_stream_payloads(response.content):
                 if "error" in payload:
@@ -107,6 +118,8 @@ def test_openapi_fuzz_no_5xx_and_openai_errors(api_schema, fuzz_server, method, 
                     ChatCompletionChunk.model_validate(payload)
     elif case.path == "/v1/chat/completions":
         ChatCompletion.model_validate(json.loads(response.content))
+    elif case.path == "/v1/responses" or (case.path.startswith("/v1/responses/") and case.method == "GET"):
+        Response.model_validate(json.loads(response.content))
     elif case.path == "/v1/embeddings":
         reply = json.loads(response.content)
         if isinstance(case.body, dict) and case.body.get("encoding_format") == "base64":

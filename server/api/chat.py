@@ -9,13 +9,12 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import anyio
 from fastapi import APIRouter, Request
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.completion_usage import CompletionUsage
 from sse_starlette.sse import EventSourceResponse
 
-from server.api.deps import chat_engine, until_disconnected
+from server.api.deps import adapter_for, chat_engine, release, until_disconnected
 from server.api.errors import APIError
 from server.api.protocol import ChatCompletionRequest, ChatMessage
 from server.errors import EngineError
@@ -27,10 +26,7 @@ router = APIRouter()
 @router.post("/v1/chat/completions")
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     engine = chat_engine(request)
-    adapter = engine.resolve(body.model)
-    if adapter is None:
-        raise APIError(404, f"The model '{body.model}' does not exist. GET /v1/models lists the served models.",
-                       param="model", code="model_not_found")
+    adapter = adapter_for(engine, body.model)
     choices = to_engine_requests(body, adapter, request.state.request_id)
     # Off the event loop: tokenizing a long prompt takes ~0.6 s per MiB. Prompt errors surface as 400 here.
     prepared = await asyncio.to_thread(engine.prepare_choices, choices)
@@ -51,11 +47,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     try:
         results = await until_disconnected(request, asyncio.gather(*(_collect(s) for s in streams)))
     finally:
-        for s in streams:
-            s.cancel()
-        with anyio.move_on_after(5, shield=True):
-            for s in streams:
-                await s.aclose()
+        await release(streams)
     return _completion(meta, results, prepared[0].prompt_tokens)
 
 
@@ -79,12 +71,7 @@ def to_engine_requests(body: ChatCompletionRequest, adapter: str, request_id: st
         tools = [{"type": "function", "function": f.model_dump(exclude_none=True)} for f in body.functions]
         fc = body.function_call
         tool_choice = {"type": "function", "function": {"name": fc["name"]}} if isinstance(fc, dict) else fc
-    if isinstance(tool_choice, dict):
-        name = (tool_choice.get("function") or {}).get("name")
-        if not tools or name not in {t["function"]["name"] for t in tools}:
-            raise APIError(400, f"tool_choice names function {name!r}, which is not in `tools`.", param="tool_choice")
-    elif tool_choice == "required" and not tools:
-        raise APIError(400, "tool_choice 'required' needs at least one tool in `tools`.", param="tool_choice")
+    check_tool_choice(tools, tool_choice)
     max_tokens = body.max_completion_tokens or body.max_tokens
     temperature = 1.0 if body.temperature is None else body.temperature
     if body.do_sample is False:
@@ -108,6 +95,16 @@ def to_engine_requests(body: ChatCompletionRequest, adapter: str, request_id: st
         out.append(ChatRequest(messages, sampling, tools=tools, tool_choice=tool_choice, legacy_functions=legacy,
                                adapter=adapter, request_id=f"{request_id}/{i}" if n > 1 else request_id))
     return out
+
+
+def check_tool_choice(tools: list[dict[str, Any]] | None, tool_choice: Any) -> None:
+    """A named function must be among the tools, and "required" needs one (chat and /v1/responses alike)."""
+    if isinstance(tool_choice, dict):
+        name = (tool_choice.get("function") or {}).get("name")
+        if not tools or name not in {t["function"]["name"] for t in tools}:
+            raise APIError(400, f"tool_choice names function {name!r}, which is not in `tools`.", param="tool_choice")
+    elif tool_choice == "required" and not tools:
+        raise APIError(400, "tool_choice 'required' needs at least one tool in `tools`.", param="tool_choice")
 
 
 def _message(m: ChatMessage, index: int) -> dict[str, Any]:
@@ -244,13 +241,4 @@ async def _sse(meta: _Meta, streams: list[AsyncIterator], prompt_tokens: int, in
             yield {"data": _chunk(meta, [], usage)}
         yield {"data": "[DONE]"}
     finally:
-        # A client that went away arrives here as a cancellation, and in a cancelled anyio scope every await
-        # is cancelled again: free the slots synchronously first, then tidy up under a shield.
-        for s in streams:
-            s.cancel()
-        for t in tasks:
-            t.cancel()
-        with anyio.move_on_after(5, shield=True):
-            await asyncio.gather(*tasks, return_exceptions=True)
-            for s in streams:
-                await s.aclose()
+        await release(streams, tasks)  # also when the client went away (a cancellation)

@@ -1,11 +1,13 @@
-"""What the routers need from the app: the engines (or a 503 while they load) and disconnect handling."""
+"""What the routers need from the app: the engines (or a 503 while they load), disconnect handling, and freeing
+the engine's slots when a request ends."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from typing import TypeVar
 
+import anyio
 from fastapi import Request
 
 from server.api.errors import APIError
@@ -19,6 +21,15 @@ def chat_engine(request: Request):
         raise APIError(503, "The chat model is still loading. Retry in a few seconds (GET /health says when).",
                        code="model_loading", headers={"Retry-After": "5"})
     return engine
+
+
+def adapter_for(engine, model: str | None) -> str:
+    """The LoRA adapter (or "" for the base model) a requested model id names; 404 if it names nothing served."""
+    adapter = engine.resolve(model)
+    if adapter is None:
+        raise APIError(404, f"The model '{model}' does not exist. GET /v1/models lists the served models.",
+                       param="model", code="model_not_found")
+    return adapter
 
 
 def embedder(request: Request):
@@ -46,3 +57,20 @@ async def until_disconnected(request: Request, work: Awaitable[T], poll: float =
             task.cancel()
             # Wait until the work has really stopped: its cleanup is what frees the engine's slots.
             await asyncio.gather(task, return_exceptions=True)
+
+
+async def release(streams: Iterable, tasks: Iterable[asyncio.Task] = ()) -> None:
+    """Free the engine slots of `streams` (and stop the `tasks` reading them) when a request ends, however it ends.
+
+    A client that went away arrives as a cancellation, and in a cancelled anyio scope every await is cancelled
+    again: the slots are freed synchronously first, then the tidying up runs under a shield.
+    """
+    streams, tasks = list(streams), list(tasks)
+    for s in streams:
+        s.cancel()
+    for t in tasks:
+        t.cancel()
+    with anyio.move_on_after(5, shield=True):
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for s in streams:
+            await s.aclose()

@@ -66,6 +66,11 @@ def _named(v: dict[str, Any]) -> dict[str, Any]:
     return v
 
 
+def _near_zero_is_greedy(v: float | None) -> float | None:
+    # logits / 1e-40 is inf in float32 and sampling would fail; any temperature this small is greedy anyway.
+    return 0.0 if v is not None and v < MIN_TEMPERATURE else v
+
+
 class NamedTool(_Lenient):
     type: Literal["function"] = "function"
     function: dict[str, Any]
@@ -107,11 +112,7 @@ class ChatCompletionRequest(_Lenient):
     repetition_penalty: float | None = Field(None, ge=0.01, le=10.0)  # below: logits / penalty overflows
     do_sample: bool | None = None
 
-    @field_validator("temperature")
-    @classmethod
-    def _near_zero_is_greedy(cls, v):
-        # logits / 1e-40 is inf in float32 and sampling would fail; any temperature this small is greedy anyway.
-        return 0.0 if v is not None and v < MIN_TEMPERATURE else v
+    _greedy = field_validator("temperature")(_near_zero_is_greedy)
 
     @field_validator("function_call")
     @classmethod
@@ -137,3 +138,101 @@ class EmbeddingRequest(_Lenient):
     encoding_format: Literal["float", "base64"] | None = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
+
+
+# -- /v1/responses ------------------------------------------------------------------------------------------------
+# The item kinds are told apart by `type` in server/api/responses_input.py, which also names what is refused, so the
+# fields of every kind live in one lenient item type here.
+
+
+class ContentPart(_Lenient):
+    """input_text / output_text carry `text`, refusal `refusal`; other kinds (images, files, audio) are refused."""
+
+    type: str
+    text: str | None = None
+    refusal: str | None = None
+
+
+class InputItem(_Lenient):
+    """One entry of `input`: a message (whose `type` may be left out), function_call, function_call_output or
+    item_reference."""
+
+    type: str | None = None
+    id: str | None = Field(None, max_length=128)
+    role: Literal["user", "system", "developer", "assistant"] | None = None
+    content: str | list[ContentPart] | None = None
+    call_id: str | None = Field(None, max_length=128)
+    name: str | None = None
+    arguments: str | None = None
+    output: str | list[ContentPart] | None = None
+
+
+class ResponsesTool(_Lenient):
+    type: str
+    name: str | None = Field(None, min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ResponsesToolChoice(_Lenient):
+    """`{"type": "function", "name": ...}`, or `{"type": "allowed_tools", "mode": ..., "tools": [...]}`."""
+
+    type: str
+    name: str | None = None
+    mode: Literal["auto", "required"] | None = None
+    tools: list[dict[str, Any]] | None = Field(None, max_length=MAX_TOOLS)
+
+
+class TextFormat(_Lenient):
+    type: str = "text"
+
+
+class TextConfig(_Lenient):
+    format: TextFormat | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+
+
+class ReasoningConfig(_Lenient):
+    effort: str | None = None
+    summary: str | None = None
+
+
+def _bounded_metadata(v: dict[str, str] | None) -> dict[str, str] | None:
+    # OpenAI's bounds: it is echoed and stored with every response, so it must stay small.
+    if v is not None and (len(v) > 16 or any(len(k) > 64 or len(x) > 512 for k, x in v.items())):
+        raise ValueError("at most 16 pairs, keys up to 64 and values up to 512 characters")
+    return v
+
+
+class ResponsesRequest(_Lenient):
+    model: str | None = None
+    input: str | list[InputItem] | None = Field(None, max_length=MAX_MESSAGES)
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    tools: list[ResponsesTool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | ResponsesToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    text: TextConfig | None = None
+    stream: bool | None = False
+    store: bool | None = True
+    previous_response_id: str | None = Field(None, max_length=128)
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    # Defined by OpenAI but not served here: accepted only when off (responses_input.check_supported says which).
+    background: bool | None = None
+    background_options: Any = None
+    context_management: Any = None
+    conversation: Any = None
+    include: list[str] | None = None
+    max_tool_calls: int | None = None
+    moderation: Any = None
+    prompt: Any = None
+    reasoning: ReasoningConfig | None = None
+    top_logprobs: int | None = None
+    truncation: str | None = None
+
+    _greedy = field_validator("temperature")(_near_zero_is_greedy)
+    _metadata = field_validator("metadata")(_bounded_metadata)
