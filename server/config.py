@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     vllm_url: str = Field("", description="a running vLLM server started with --tokens-only (http://gpu-node:8000)")
     vllm_python: str = Field("", description="python of a venv with vLLM: glm-serve starts and supervises vLLM itself")
     vllm_args: str = Field("", description="extra vLLM command-line arguments, passed as they are")
+    vllm_api_key: str = Field("", description="the key of a VLLM_URL server started with --api-key")
     vllm_port: int = Field(0, ge=0, description="port of the vLLM child (0: a free one on 127.0.0.1)")
     vllm_startup_timeout: float = Field(900.0, gt=0, description="seconds the vLLM child may take to become ready")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM: GPUs one model is split across (tensor parallel)")

@@ -26,7 +26,7 @@ def build_vllm_backend(settings: Settings, *, model_folder: str, adapters: dict[
         max_waiting=settings.max_waiting_requests,
         request_timeout=settings.request_timeout,
         vocab_size=config.get("padded_vocab_size") or config.get("vocab_size"),
-        api_key=getattr(settings, "vllm_api_key", ""),  # VLLM_API_KEY, once Settings has it
+        api_key=settings.vllm_api_key,
     )
     if settings.vllm_url:
         # The adapters must already be loaded there (vllm serve --enable-lora --lora-modules); start() checks.
