@@ -63,5 +63,5 @@ def openai_client(server):
 @pytest.fixture(scope="session")
 def chatglm3_fixtures():
     if not CHATGLM3_FIXTURES.exists():
-        pytest.skip("../shared/fixtures/chatglm3 is not beside the repo")
+        pytest.fail("../shared/fixtures/chatglm3 is not beside the repo")
     return CHATGLM3_FIXTURES

@@ -18,8 +18,6 @@ import torch
 
 from tests.support import CHATGLM3_FIXTURES, ThreadedServer, running_server
 
-pytestmark = pytest.mark.skipif(not CHATGLM3_FIXTURES.exists(), reason="../shared/fixtures/chatglm3 missing")
-
 ENV = {"DTYPE": "float32", "EMBEDDING_PATH": "none", "WEB_UI": "false", "SERVED_MODEL_NAME": "chatglm3-6b"}
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_current_weather", "description": "Get the current weather in a given location",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
 import subprocess
 
 import httpx
@@ -91,7 +90,6 @@ def test_remote_llm_wrappers(server, backend):
     assert err.value.status_code == 404
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
 def test_curl_streaming(server):
     body = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "stream": True})
     out = subprocess.run(["curl", "-sN", server.base_url + "/chat/completions", "-H",
@@ -101,7 +99,7 @@ def test_curl_streaming(server):
 
 
 def test_langchain_chat_openai(server):
-    lc = pytest.importorskip("langchain_openai")
+    import langchain_openai as lc
     llm = lc.ChatOpenAI(base_url=server.base_url, api_key="sk-test", model="gpt-3.5-turbo", max_tokens=8,
                         temperature=0)
     assert llm.invoke("Say hi").content

@@ -10,7 +10,6 @@ from server.families.chatglm3.tools import render_tool_call
 from server.types import ChatRequest, SamplingParams, TextDelta, ToolCallDelta
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared/fixtures/chatglm3"
-pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"no ChatGLM3 fixtures at {FIXTURES}")
 
 TEXTS = [
     "你好👋！我是人工智能助手 ChatGLM3-6B，很高兴见到你。",

@@ -225,7 +225,7 @@ def test_tool_call_ids_are_unique():
 @pytest.fixture(scope="module")
 def family():
     if not FIXTURES.is_dir():
-        pytest.skip(f"no ChatGLM3 fixtures at {FIXTURES}")
+        pytest.fail(f"no ChatGLM3 fixtures at {FIXTURES}")
     from server.families.chatglm3 import ChatGLM3Family
 
     return ChatGLM3Family.from_pretrained(FIXTURES)

@@ -198,7 +198,7 @@ def _tiny_model(kind: str):
         from tests.support import CHATGLM3_FIXTURES
 
         if not CHATGLM3_FIXTURES.exists():
-            pytest.skip("no ChatGLM3 fixtures")
+            pytest.fail("no ChatGLM3 fixtures beside the repo (../shared)")
         from server.backends.native.device import place
         from server.backends.native.loader import load_chat_model
 

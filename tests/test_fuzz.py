@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-from pathlib import Path
 
 import httpx
 import pytest
@@ -220,8 +219,6 @@ def test_stop_strings_on_arbitrary_unicode(text, stops, cuts):
 
 
 def _chatglm3_decode():
-    if not (CHATGLM3_FIXTURES / "tokenizer.model").exists():
-        pytest.skip("ChatGLM3 fixtures are not beside the repo")
     from server.families.chatglm3 import ChatGLM3Family, ChatGLM3Tokenizer
 
     family = ChatGLM3Family(ChatGLM3Tokenizer(CHATGLM3_FIXTURES / "tokenizer.model"))
@@ -229,16 +226,10 @@ def _chatglm3_decode():
 
 
 def _smollm2_decode():
-    from server.config import Settings
-
-    found = sorted(Path(Settings(_env_file=None).cache_dir).glob("SmolLM2-135M-Instruct*/tokenizer.json"))
-    if not found:
-        pytest.skip("no converted SmolLM2 copy in CACHE_DIR yet (the first server start makes one)")
-    from transformers import AutoTokenizer
-
     from server.families.chat_template import ChatTemplateFamily
+    from tests.tiny_models import smollm2_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(found[0].parent))
+    tok = smollm2_tokenizer()  # the server's converted copy, or read from the GGUF file itself
     family = ChatTemplateFamily(tok, [])
     return lambda text: tok.encode(text, add_special_tokens=False), family.decode
 

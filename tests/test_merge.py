@@ -52,7 +52,6 @@ def test_merged_llama_answers_like_the_served_adapter(tmp_path):
     assert answers(str(base), "base") != served  # the adapter does change the answers
 
 
-@pytest.mark.skipif(not CHATGLM3_FIXTURES.exists(), reason="no ChatGLM3 fixtures")
 def test_merged_chatglm3_is_a_chatglm3_checkpoint(tmp_path):
     from server.backends.native.device import place
     from server.backends.native.loader import load_chat_model
