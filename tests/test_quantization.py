@@ -19,9 +19,7 @@ def servers():
     """Real `python -m server` processes, started together (their imports overlap): 8-bit on the chat-template
     road, 4-bit on the ChatGLM3 road (tests/test_plan.py loads every other combination in-process)."""
     env = {"EMBEDDING_PATH": "none", "WEB_UI": "false", "MAX_RUNNING_REQUESTS": "4"}
-    specs = {"llama-8bit": (tiny_llama(), "8bit")}
-    specs.update({"chatglm3-4bit": (tiny_chatglm3(), "4bit")} if CHATGLM3_FIXTURES.exists()
-                 else {"llama-4bit": (tiny_llama(), "4bit")})
+    specs = {"llama-8bit": (tiny_llama(), "8bit"), "chatglm3-4bit": (tiny_chatglm3(), "4bit")}
     procs = {name: ServerProcess({**env, "MODEL_PATH": str(path), "QUANTIZATION": mode}, name=f"quant-{name}")
              for name, (path, mode) in specs.items()}
     try:
@@ -34,10 +32,8 @@ def servers():
             proc.stop()
 
 
-@pytest.mark.parametrize("name", ["llama-8bit", "llama-4bit", "chatglm3-4bit"])
+@pytest.mark.parametrize("name", ["llama-8bit", "chatglm3-4bit"])
 def test_quantized_server_answers(servers, name):
-    if name not in servers:
-        pytest.skip("covered by the other 4-bit server")
     srv = servers[name]
     model = httpx.get(srv.base_url + "/models", timeout=30).json()["data"][0]["id"]
     r = httpx.post(srv.base_url + "/chat/completions", timeout=120, json={
