@@ -46,6 +46,7 @@ class SoakConfig:
     seed: int = 0
     model: str | None = None
     context: int = 0  # the model's context in tokens; read from /v1/models when 0
+    started: float = 0.0  # time.monotonic() when run_soak began; set by it
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Outcome:
     status: int | None  # None: no HTTP answer (a hang or a transport error)
     seconds: float
     problem: str | None = None
+    at: float = 0.0  # when it was sent, seconds since the soak began: a transport error's context
 
 
 @dataclass
@@ -86,6 +88,8 @@ class Report:
             "rss_growth_percent": growth,
             "violations": len(self.violations),
             "violation_kinds": dict(Counter(f"{o.kind} {o.status}: {o.problem[:160]}" for o in self.violations)),
+            "violation_examples": [{"kind": o.kind, "sent_at_s": round(o.at, 2), "took_s": round(o.seconds, 3),
+                                    "problem": o.problem[:160]} for o in self.violations[:5]],
         }
 
 
@@ -143,7 +147,7 @@ async def one(client: httpx.AsyncClient, kind: str, rng: random.Random, cfg: Soa
         problem = "hung"
     except httpx.HTTPError as exc:
         problem = f"transport error: {type(exc).__name__}: {exc}"
-    return Outcome(kind, status, time.monotonic() - started, problem)
+    return Outcome(kind, status, time.monotonic() - started, problem, at=started - cfg.started)
 
 
 async def _send(client: httpx.AsyncClient, kind: str, rng: random.Random, cfg: SoakConfig):
@@ -215,6 +219,7 @@ async def _batch(client, kinds: list[str], rng: random.Random, cfg: SoakConfig, 
 
 async def run_soak(cfg: SoakConfig) -> Report:
     require_loopback(cfg.url)
+    cfg.started = time.monotonic()
     rng = random.Random(cfg.seed)
     kinds = rng.choices(list(MIX), weights=list(MIX.values()), k=cfg.requests)
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}

@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
     app = create_app(settings, on_load_failure=on_load_failure)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                            access_log=False, timeout_graceful_shutdown=30)
+                            access_log=False, timeout_graceful_shutdown=30,
+                            timeout_keep_alive=settings.keep_alive_timeout)
     server = uvicorn.Server(config)
     server.run()
     if failure:

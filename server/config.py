@@ -37,6 +37,10 @@ class Settings(BaseSettings):
         "tokens with a decode step between them (chunked prefill), so their streams pause for a chunk at a time; "
         "0: whole prompts")
     request_timeout: float = Field(600.0, description="seconds a request may take before it is aborted")
+    # uvicorn's default is 5 s, the same as httpx's (and so the openai SDK's) pool expiry; the server's clock starts
+    # first, so it closes a connection the client is just reusing and that request dies with a reset. A server that
+    # outlives its clients' pools never races them (nginx's default, 75 s).
+    keep_alive_timeout: float = Field(75.0, gt=0, description="seconds an idle keep-alive connection stays open")
     engine: Literal["auto", "native", "vllm"] = Field(
         "auto", description="auto: vLLM when VLLM_URL or VLLM_PYTHON is set, else native (our scheduler)")
     vllm_url: str = Field("", description="a running vLLM server started with --tokens-only (http://gpu-node:8000)")
