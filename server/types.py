@@ -24,6 +24,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit before sampling
+    logprobs: int | None = None  # None: none; k: each token's logprob and the k most likely (the raw distribution)
 
     @property
     def greedy(self) -> bool:
@@ -48,8 +50,24 @@ class ChatRequest:
 
 
 @dataclass
+class TokenLogprob:
+    """One generated token with its log probability and the most likely tokens at its step (highest first).
+
+    `token` is the token's own text; `bytes` its UTF-8 bytes, which are part of a character where one takes several
+    tokens (`token` then shows them as \\x escapes). Values are the model's raw distribution (before temperature,
+    penalties, logit_bias and top-p), as vLLM reports them by default.
+    """
+
+    token: str
+    bytes: list[int]
+    logprob: float
+    top: list[tuple[str, list[int], float]] = field(default_factory=list)
+
+
+@dataclass
 class TextDelta:
     text: str
+    logprobs: list[TokenLogprob] | None = None  # the tokens released with this text (when logprobs were asked)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from server.api.deps import adapter_for, chat_engine, release, until_disconnecte
 from server.api.errors import APIError
 from server.api.protocol import ChatCompletionRequest, ChatMessage
 from server.errors import EngineError
-from server.types import ChatRequest, Finished, SamplingParams, TextDelta, ToolCallDelta
+from server.types import ChatRequest, Finished, SamplingParams, TextDelta, TokenLogprob, ToolCallDelta
 
 router = APIRouter()
 
@@ -48,7 +48,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         results = await until_disconnected(request, asyncio.gather(*(_collect(s) for s in streams)))
     finally:
         await release(streams)
-    return _completion(meta, results, prepared[0].prompt_tokens)
+    return _completion(meta, results, prepared[0].prompt_tokens, bool(body.logprobs))
 
 
 class _Meta:
@@ -57,8 +57,9 @@ class _Meta:
 
 
 def to_engine_requests(body: ChatCompletionRequest, adapter: str, request_id: str) -> list[ChatRequest]:
-    if body.logprobs:
-        raise APIError(400, "logprobs are not supported by this server.", param="logprobs")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true.", param="top_logprobs")
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
     if body.response_format is not None and body.response_format.type not in ("text",):
         raise APIError(400, f"response_format '{body.response_format.type}' is not supported; only 'text'.",
                        param="response_format")
@@ -91,6 +92,8 @@ def to_engine_requests(body: ChatCompletionRequest, adapter: str, request_id: st
             repetition_penalty=body.repetition_penalty or 1.0,
             seed=seed,
             stop=stops,
+            logit_bias=body.logit_bias or {},
+            logprobs=logprobs,
         )
         out.append(ChatRequest(messages, sampling, tools=tools, tool_choice=tool_choice, legacy_functions=legacy,
                                adapter=adapter, request_id=f"{request_id}/{i}" if n > 1 else request_id))
@@ -148,22 +151,30 @@ def _arguments(arguments: str | dict | None) -> str:
     return arguments or "{}"
 
 
-async def _collect(stream: AsyncIterator) -> tuple[str, list[dict], Finished]:
-    text, calls, finished = [], {}, None
+async def _collect(stream: AsyncIterator) -> tuple[str, list[dict], Finished, list[TokenLogprob] | None]:
+    text, calls, finished, logprobs = [], {}, None, None
     async for event in stream:
         if isinstance(event, TextDelta):
             text.append(event.text)
+            if event.logprobs is not None:
+                logprobs = (logprobs or []) + event.logprobs
         elif isinstance(event, ToolCallDelta):
             call = calls.setdefault(event.index, {"id": event.id, "name": event.name, "arguments": ""})
             call["arguments"] += event.arguments
         elif isinstance(event, Finished):
             finished = event
-    return "".join(text), [calls[k] for k in sorted(calls)], finished
+    return "".join(text), [calls[k] for k in sorted(calls)], finished, logprobs
 
 
-def _completion(meta: _Meta, results, prompt_tokens: int) -> dict:
+def logprobs_content(entries: list[TokenLogprob]) -> list[dict]:
+    """OpenAI's choices[].logprobs.content."""
+    return [{"token": e.token, "logprob": e.logprob, "bytes": e.bytes,
+             "top_logprobs": [{"token": t, "logprob": lp, "bytes": b} for t, b, lp in e.top]} for e in entries]
+
+
+def _completion(meta: _Meta, results, prompt_tokens: int, logprobs: bool) -> dict:
     choices = []
-    for i, (text, calls, fin) in enumerate(results):
+    for i, (text, calls, fin, entries) in enumerate(results):
         message: dict[str, Any] = {"role": "assistant", "content": text or (None if calls else "")}
         reason = fin.reason
         if calls and meta.legacy:
@@ -172,7 +183,8 @@ def _completion(meta: _Meta, results, prompt_tokens: int) -> dict:
         elif calls:
             message["tool_calls"] = [{"id": c["id"], "type": "function",
                                       "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]
-        choices.append({"index": i, "message": message, "finish_reason": reason, "logprobs": None})
+        choices.append({"index": i, "message": message, "finish_reason": reason,
+                        "logprobs": {"content": logprobs_content(entries or [])} if logprobs else None})
     completion = sum(r[2].completion_tokens for r in results)
     return ChatCompletion(
         id=meta.id, object="chat.completion", created=meta.created, model=meta.model, choices=choices,
@@ -231,6 +243,11 @@ async def _sse(meta: _Meta, streams: list[AsyncIterator], prompt_tokens: int, in
                 completion_tokens += event.completion_tokens
                 reason = "function_call" if meta.legacy and event.reason == "tool_calls" else event.reason
                 yield {"data": _chunk(meta, [{"index": index, "delta": {}, "finish_reason": reason}])}
+                continue
+            if isinstance(event, TextDelta) and event.logprobs is not None:
+                choice = {"index": index, "delta": {"content": event.text} if event.text else {},
+                          "logprobs": {"content": logprobs_content(event.logprobs)}}
+                yield {"data": _chunk(meta, [choice])}
                 continue
             if isinstance(event, TextDelta) and not event.text:
                 continue

@@ -17,6 +17,7 @@ MAX_MESSAGES = 1024
 MAX_TOOLS = 128
 INT64 = 2**63
 MIN_TEMPERATURE = 1e-5
+MAX_LOGIT_BIAS = 1024  # tokens in one logit_bias (OpenAI documents no bound; each is a tensor entry per step)
 
 
 class _Lenient(BaseModel):
@@ -86,11 +87,31 @@ class ResponseFormat(_Lenient):
     type: str = "text"
 
 
+def _logit_bias(v: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's shape: {"<token id>": bias in -100..100} (ids are checked against the vocabulary by the backend)."""
+    if not v:
+        return None
+    out = {}
+    for key, bias in v.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise ValueError(f"keys must be token ids, got {key!r}") from None
+        if not -100 <= bias <= 100:
+            raise ValueError(f"the bias of token {token} is {bias}; it must be in -100..100")
+        out[token] = float(bias)
+    if len(out) > MAX_LOGIT_BIAS:
+        raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens")
+    return out
+
+
 class ChatCompletionRequest(_Lenient):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     model: str | None = None
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     max_completion_tokens: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(None, ge=1)
     n: int | None = Field(None, ge=1, le=16)
@@ -113,6 +134,7 @@ class ChatCompletionRequest(_Lenient):
     do_sample: bool | None = None
 
     _greedy = field_validator("temperature")(_near_zero_is_greedy)
+    _bias = field_validator("logit_bias")(_logit_bias)
 
     @field_validator("function_call")
     @classmethod

@@ -29,6 +29,14 @@ class GenerateRequest:
 
 
 @dataclass
+class StepLogprobs:
+    """The raw logprob of one generated id and the `sampling.logprobs` most likely ids at its step, highest first."""
+
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
 class TokenChunk:
     """New ids of one sequence since its last chunk; the last chunk of a sequence has a finish reason.
 
@@ -38,6 +46,7 @@ class TokenChunk:
 
     token_ids: list[int]
     finish_reason: BackendFinish | None = None
+    logprobs: list[StepLogprobs] | None = None  # one per id of token_ids when the request asked for logprobs
 
 
 @dataclass

@@ -61,6 +61,12 @@ class ModelFamily(Protocol):
     def decode(self, token_ids: list[int]) -> str:
         """Text of generated ids, as the user should see it (used by the incremental detokenizer)."""
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """One token's own bytes, for logprobs (part of a character for byte-fallback pieces; specials by name)."""
+
+    def encode_raw(self, text: str) -> list[int]:
+        """A raw prompt's ids (POST /v1/completions: no chat template), as the tokenizer's own encode() does it."""
+
 
 def flatten_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
     """The `function` objects of OpenAI `tools` entries."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from collections.abc import Sequence
 
 from server.errors import EngineError
@@ -30,6 +32,7 @@ class ChatTemplateFamily:
             log.warning("The tokenizer has no chat template; using plain ChatML. Answers may be poor.")
             tokenizer.chat_template = FALLBACK_TEMPLATE
         self.supports_tools = "tools" in tokenizer.chat_template
+        self._byte_decoder: dict[str, int] | None = None  # built on the first logprobs request
 
     def build_prompt(self, request: ChatRequest) -> Prompt:
         tools = request.tools if request.tool_choice != "none" else None
@@ -68,3 +71,44 @@ class ChatTemplateFamily:
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def encode_raw(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text))  # with the tokenizer's own bos, if it adds one
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if self._byte_decoder is None:
+            self._byte_decoder = _byte_decoder(self.tokenizer)
+        added = self.tokenizer.added_tokens_decoder.get(token_id)
+        if added is not None:
+            return added.content.encode()
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if not isinstance(piece, str):
+            return b""  # an id past the tokenizer (a padded output layer)
+        if self._byte_decoder and all(c in self._byte_decoder for c in piece):
+            return bytes(self._byte_decoder[c] for c in piece)  # GPT-2 byte-level BPE
+        if m := _BYTE_PIECE.match(piece):
+            return bytes([int(m.group(1), 16)])  # sentencepiece byte fallback
+        if piece.startswith("\u2581"):
+            return piece.replace("\u2581", " ").encode()
+        return self.tokenizer.decode([token_id]).encode()
+
+
+_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+def _byte_decoder(tokenizer) -> dict[str, int]:
+    """GPT-2's printable-character -> byte table when the tokenizer decodes byte-level pieces, else {}."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return {}
+    decoder = json.loads(backend.to_str()).get("decoder") or {}
+    kinds = {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders") or []}
+    if "ByteLevel" not in kinds:
+        return {}
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    chars, extra = dict(zip(printable, printable)), 0
+    for b in range(256):
+        if b not in chars:
+            chars[b], extra = 256 + extra, extra + 1
+    return {chr(c): b for b, c in chars.items()}

@@ -18,6 +18,7 @@ from server.backends.base import Backend, GenerateRequest, TokenStream
 from server.errors import EngineError, PromptTooLong, RequestTimeout
 from server.families.base import ModelFamily, Prompt
 from server.serving.decode import IncrementalDetokenizer, StopStrings
+from server.serving.logprobs import LogprobTracker, TokenTexts
 from server.types import ChatEvent, ChatRequest, Finished, ModelCard
 
 log = logging.getLogger("glm_serve.serving")
@@ -58,6 +59,7 @@ class ChatService:
         self.aliases = [a for a in dict.fromkeys(aliases) if a != model_id]
         self.request_timeout = request_timeout
         self.observer = observer  # metrics: on_first_token, on_tokens, on_finish
+        self.token_texts = TokenTexts(family)  # ids -> text for logprobs, cached across requests
 
     @property
     def adapters(self) -> list[str]:
@@ -155,21 +157,28 @@ class ChatStream:
         stops = StopStrings(prepared.request.sampling.stop)
         parser, observer = prepared.prompt.parser, service.observer
         timing, completion, reason = _Timing(), 0, None
+        lp = LogprobTracker(service.token_texts) if prepared.request.sampling.logprobs is not None else None
+        produced = kept = 0  # characters out of the detokenizer / past the stop strings: where logprobs line up
+        cut = None  # where a stop string cut the text
         counted = None  # the finish the metrics count for this choice: exactly one, also when the client leaves
         try:
             try:
                 async with asyncio.timeout(service.request_timeout):
                     async for chunk in self._tokens:
                         text, flush = "", False
-                        for token in chunk.token_ids:
+                        for j, token in enumerate(chunk.token_ids):
                             completion += 1
+                            if lp is not None:
+                                lp.add(token, chunk.logprobs[j] if chunk.logprobs else None, produced)
                             if token in stop_ids:  # it ends the answer and never becomes text
                                 reason, flush = "stop", True
                                 break
-                            piece, hit = stops.push(detok.push(token))
+                            raw = detok.push(token)
+                            produced += len(raw)
+                            piece, hit = stops.push(raw)
                             text += piece
                             if hit:
-                                reason = "stop"
+                                reason, cut = "stop", kept + len(text)
                                 break
                         if chunk.token_ids:
                             self._observe(timing, len(chunk.token_ids), prepared.prompt_tokens)
@@ -179,7 +188,16 @@ class ChatStream:
                         if flush:  # what the detokenizer and the stop-string matcher still hold back
                             tail, hit = stops.push(detok.flush())
                             text += tail if hit else tail + stops.flush()
-                        for event in parser.feed(text):
+                            cut = kept + len(text) if hit else cut
+                        events = parser.feed(text)
+                        if lp is not None:
+                            if reason:
+                                lp.finish(cut)
+                            else:
+                                lp.released(kept + len(text))
+                            events = lp.attach(events)
+                        kept += len(text)
+                        for event in events:
                             yield event
                         if reason:
                             break
@@ -194,6 +212,8 @@ class ChatStream:
             finally:
                 self._tokens.cancel()  # a stop string, a timeout or a client gone: free the slot now
             events, reason = parser.finish(reason or "abort")
+            if lp is not None:
+                events = lp.attach(events) + lp.rest()
             counted = reason
             for event in events:
                 yield event

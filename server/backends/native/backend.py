@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Mapping
 from server.backends.base import Capacity, GenerateRequest, TokenChunk
 from server.backends.native.loader import LoadedModel
 from server.backends.native.scheduler import Scheduler, Sequence, StepOutput
-from server.errors import EngineFailure
+from server.errors import EngineError, EngineFailure
 
 
 class NativeBackend:
@@ -47,6 +47,10 @@ class NativeBackend:
 
     def generate(self, request: GenerateRequest) -> NativeStream:
         queue: asyncio.Queue[StepOutput] = asyncio.Queue()
+        bad = [t for t in request.sampling.logit_bias if not 0 <= t < self.loaded.vocab_size]
+        if bad:
+            raise EngineError(f"logit_bias names token id {bad[0]}, outside the model's vocabulary "
+                              f"(0..{self.loaded.vocab_size - 1}).", param="logit_bias")
         seq = Sequence(
             prompt_ids=request.prompt_ids,
             params=request.sampling,
@@ -125,7 +129,7 @@ class NativeStream:
             out = await queue.get()
             if out.finish_reason == "error":
                 raise EngineFailure(f"Generation failed: {out.error}")
-            yield TokenChunk(out.token_ids, out.finish_reason)
+            yield TokenChunk(out.token_ids, out.finish_reason, out.logprobs)
             if out.finish_reason:
                 return
 

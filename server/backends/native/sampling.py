@@ -1,4 +1,4 @@
-"""Per-sequence sampling: penalties, temperature, top-k/top-p, and a private RNG per request.
+"""Per-sequence sampling: logit_bias, penalties, temperature, top-k/top-p, and a private RNG per request.
 
 Each sequence owns its generator, so a seeded request samples the same tokens whether it runs
 alone or in a batch with others.
@@ -32,11 +32,16 @@ class Sampler:
             self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
             ids = torch.tensor([i for i in prompt_ids if i < vocab_size], dtype=torch.long, device=device)
             self.seen[ids] = True
+        self.bias = None  # logit_bias: (ids, values), added before anything else
+        if params.logit_bias:
+            ids, values = zip(*sorted(params.logit_bias.items()))
+            self.bias = (torch.tensor(ids, dtype=torch.long, device=device),
+                         torch.tensor(values, dtype=torch.float32, device=device))
 
     @property
     def is_plain_greedy(self) -> bool:
         """Greedy with no penalty: the batch can take one argmax for all such rows."""
-        return self.params.greedy and self.counts is None and self.seen is None
+        return self.params.greedy and self.counts is None and self.seen is None and self.bias is None
 
     def observe(self, token_id: int) -> None:
         if self.counts is not None and token_id < self.vocab_size:
@@ -48,6 +53,8 @@ class Sampler:
         """logits: [vocab] float32 for this sequence's next token."""
         p = self.params
         logits = logits[: self.vocab_size]
+        if self.bias is not None:
+            logits = logits.index_add(0, self.bias[0], self.bias[1])
         if self.seen is not None:
             # HF/CTRL semantics: shrink positive logits, push negative ones further down.
             penalized = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)

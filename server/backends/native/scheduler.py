@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from server.backends.base import StepLogprobs
 from server.backends.native.kv_cache import BatchKV
 from server.backends.native.sampling import NonFiniteLogits, Sampler
 from server.errors import EngineOverloaded
@@ -33,6 +34,7 @@ class StepOutput:
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None
+    logprobs: list[StepLogprobs] | None = None  # one per token id, when the sequence asked for them
 
 
 @dataclass(eq=False)
@@ -210,7 +212,7 @@ class Scheduler:
                 logits = self._prefill(seq, self.max_prefill_tokens if chunked else remaining)
                 if chunked:
                     return  # the rest of this prompt after the next decode step
-                out = self._accept(seq, self._sample([seq], logits[None])[0])
+                out = self._accept(seq, *self._sample([seq], logits[None])[0])
             except Exception as exc:
                 log.exception("prefill failed for request %s", seq.request_id)
                 self.prefilling, seq.prefill_cache, seq.finished = None, None, True
@@ -244,8 +246,8 @@ class Scheduler:
                          use_cache=True, **self._adapter_kwargs(self.running))
         tokens = self._sample(self.running, out.logits[:, -1].float())
         keep = []
-        for i, (seq, tok) in enumerate(zip(self.running, tokens)):
-            outputs.append((seq, self._accept(seq, tok)))
+        for i, (seq, (tok, logprobs)) in enumerate(zip(self.running, tokens)):
+            outputs.append((seq, self._accept(seq, tok, logprobs)))
             if not seq.finished:
                 keep.append(i)
         if len(keep) != len(self.running):
@@ -257,8 +259,10 @@ class Scheduler:
             return {}
         return {"adapter_names": [s.adapter or "__base__" for s in seqs]}
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | Exception]:
-        """One token per row, or the error that row hit: one bad row must not end the whole batch."""
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[int | Exception, StepLogprobs | None]]:
+        """One token per row, or the error that row hit: one bad row must not end the whole batch; with its
+        logprobs where the sequence asked for them."""
+        raw = self._raw_logprobs(seqs, logits)  # before the forced-prefix mask, logit_bias and penalties
         for i, seq in enumerate(seqs):
             if allowed := seq.allowed_next():
                 keep = torch.tensor(allowed, device=logits.device)
@@ -284,9 +288,31 @@ class Scheduler:
                 except Exception as exc:  # noqa: BLE001 - reported to this request only
                     log.warning("sampling failed for request %s: %s", seq.request_id, exc)
                     tokens[i] = exc
-        return tokens
+        return list(zip(tokens, self._logprobs_of(seqs, raw, tokens)))
 
-    def _accept(self, seq: Sequence, token: int | Exception) -> StepOutput:
+    def _raw_logprobs(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[int], torch.Tensor] | None:
+        """log_softmax of the model's own scores for the rows that report logprobs (vLLM's default raw mode)."""
+        rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        if not rows:
+            return None
+        return rows, torch.log_softmax(logits[rows, : self.vocab_size], dim=-1)
+
+    def _logprobs_of(self, seqs, raw, tokens) -> list[StepLogprobs | None]:
+        out: list[StepLogprobs | None] = [None] * len(seqs)
+        if raw is None:
+            return out
+        rows, lp = raw
+        k = max(seqs[i].params.logprobs for i in rows)
+        top_values, top_ids = torch.topk(lp, k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+        top_values, top_ids = top_values.tolist(), top_ids.tolist()
+        for j, i in enumerate(rows):
+            if isinstance(tokens[i], Exception):
+                continue
+            n = seqs[i].params.logprobs
+            out[i] = StepLogprobs(float(lp[j, tokens[i]]), list(zip(top_ids[j][:n], top_values[j][:n])))
+        return out
+
+    def _accept(self, seq: Sequence, token: int | Exception, logprobs: StepLogprobs | None = None) -> StepOutput:
         """Account for one generated token (or its sampling error); decide whether the sequence is done."""
         if isinstance(token, Exception):
             seq.finished = True
@@ -302,4 +328,4 @@ class Scheduler:
             finish = "length"
         if finish:
             seq.finished = True
-        return StepOutput([token], finish)
+        return StepOutput([token], finish, logprobs=None if logprobs is None else [logprobs])

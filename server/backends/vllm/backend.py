@@ -198,6 +198,10 @@ class VLLMBackend:
         if bad:
             raise EngineError(f"Token id {bad[0]} is outside the model's vocabulary"
                               + (f" (0..{limit - 1})." if limit is not None else "."))
+        bad = [t for t in request.sampling.logit_bias if t < 0 or (limit is not None and t >= limit)]
+        if bad:
+            raise EngineError(f"logit_bias names token id {bad[0]}, outside the model's vocabulary"
+                              + (f" (0..{limit - 1})." if limit is not None else "."), param="logit_bias")
 
     def _where(self) -> str:
         return f"the vLLM at {self.upstream.base_url}"

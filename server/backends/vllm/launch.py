@@ -14,6 +14,7 @@ import subprocess
 from dataclasses import dataclass
 
 from server.backends.vllm.adapters import VLLMAdapter, max_lora_rank
+from server.backends.vllm.wire import MAX_TOP_LOGPROBS
 from server.config import Settings
 from server.errors import ConfigError
 
@@ -92,7 +93,9 @@ def vllm_argv(
             "--pipeline-parallel-size", str(settings.pipeline_parallel_size),
             "--gpu-memory-utilization", str(settings.gpu_memory_utilization),
             # vLLM's own batch size; requests beyond it wait in vLLM's queue, ours caps the total (429 above it)
-            "--max-num-seqs", str(settings.max_running_requests)]  # fmt: skip
+            "--max-num-seqs", str(settings.max_running_requests),
+            # top_logprobs goes up to 20 and we ask for one more (see wire.sampling_params)
+            "--max-logprobs", str(MAX_TOP_LOGPROBS + 1)]  # fmt: skip
     if settings.max_model_len:
         argv += ["--max-model-len", str(settings.max_model_len)]
     argv += quantization_args(settings, install)

@@ -63,7 +63,7 @@ class VLLMStream:
         if isinstance(item, BaseException):
             self._done = True
             raise item
-        ids, finish = list(item.token_ids), item.finish_reason
+        ids, finish, logprobs = list(item.token_ids), item.finish_reason, item.logprobs
         while finish is None and not self._queue.empty():
             nxt = self._queue.get_nowait()
             if isinstance(nxt, BaseException):
@@ -71,8 +71,10 @@ class VLLMStream:
                 break
             ids += nxt.token_ids
             finish = nxt.finish_reason
+            if nxt.logprobs is not None:
+                logprobs = (logprobs or []) + nxt.logprobs
         self._done = finish is not None
-        return TokenChunk(ids, finish)
+        return TokenChunk(ids, finish, logprobs)
 
     def cancel(self) -> None:
         if self._final_queued:
@@ -132,16 +134,23 @@ class VLLMStream:
         if req.forced_prefixes:
             pending: list[int] = []
             while allowed := allowed_next(req.forced_prefixes, out):
-                if len(allowed) == 1:
+                logprobs = None
+                if len(allowed) == 1 and req.sampling.logprobs is None:
                     token = allowed[0]  # the only way on: no need to ask the model
-                else:
+                else:  # (also for the only way on when its logprobs are wanted: vLLM computes them)
                     if pending:
                         self._put(TokenChunk(pending))
                         pending = []
-                    token = await self._pick(req.prompt_ids + out, allowed)
+                    token, logprobs = await self._pick(req.prompt_ids + out, allowed)
                 out.append(token)
                 pending.append(token)
                 finish = "stop" if token in req.stop_token_ids else "length" if len(out) >= req.max_tokens else None
+                if logprobs is not None:  # one token per chunk: its logprobs go with it
+                    self._put(TokenChunk(pending, finish, logprobs))
+                    pending = []
+                    if finish:
+                        return
+                    continue
                 if finish:
                     self._put(TokenChunk(pending, finish))
                     return
@@ -152,7 +161,7 @@ class VLLMStream:
             return
         await self._stream(req.prompt_ids + out, req.max_tokens - len(out))
 
-    async def _pick(self, token_ids: list[int], allowed: list[int]) -> int:
+    async def _pick(self, token_ids: list[int], allowed: list[int]) -> tuple[int, list | None]:
         """One token out of `allowed`, sampled by vLLM with the request's own settings."""
         req = self._request
         self.forced_calls += 1
@@ -163,10 +172,10 @@ class VLLMStream:
         response = await self._owner.client.post(self._owner.url(GENERATE_PATH), content=body, headers=_JSON)
         if response.status_code != 200:
             raise self._owner.http_error(response.status_code, response.content)
-        chunk = choice_chunk(orjson.loads(response.content)["choices"][0])
+        chunk = choice_chunk(orjson.loads(response.content)["choices"][0], req.sampling.logprobs)
         if len(chunk.token_ids) != 1 or chunk.token_ids[0] not in allowed:
             raise UpstreamError(f"asked for one of {allowed}, got {chunk.token_ids}")
-        return chunk.token_ids[0]
+        return chunk.token_ids[0], chunk.logprobs
 
     async def _stream(self, token_ids: list[int], max_tokens: int) -> None:
         req = self._request
@@ -179,7 +188,7 @@ class VLLMStream:
                 raise self._owner.http_error(response.status_code, await response.aread())
             finished = False
             async for line in response.aiter_lines():
-                chunk = parse_event(line)
+                chunk = parse_event(line, req.sampling.logprobs)
                 if chunk is not None and not finished:
                     self._put(chunk)
                     finished = chunk.finish_reason is not None

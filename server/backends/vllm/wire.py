@@ -13,6 +13,12 @@ Verified against vLLM 0.32 (entrypoints/scale_out/token_in_token_out) and a runn
   ignore_eos=true plus our ids.
 - Stop *strings* are refused on a --tokens-only server (400); they are cut above the seam anyway.
 - max_tokens must be >= 1 (400 otherwise); top_k 0 means off (as ours); temperature 0 is greedy.
+- `logprobs: k` adds `choices[].logprobs.content[]`, one per token id: {"token_id", "logprob", "rank",
+  "top_logprobs": [{"token_id", "logprob", "rank"}]}, values from the raw model distribution (vLLM's default
+  --logprobs-mode raw_logprobs: before logit_bias, penalties, temperature and allowed_token_ids). The top list is
+  the sampled token first, then the others by rank, cut to k entries: so the k-th most likely is missing when the
+  sampled token ranks below k. We ask for k + 1 and keep ranks 1..k.
+- `logit_bias` is {"<id>": bias}; vLLM clamps it to -100..100 and range-checks the ids.
 """
 
 from __future__ import annotations
@@ -21,11 +27,12 @@ from typing import Any
 
 import orjson
 
-from server.backends.base import BackendFinish, TokenChunk
+from server.backends.base import BackendFinish, StepLogprobs, TokenChunk
 from server.types import SamplingParams
 
 GENERATE_PATH = "/inference/v1/generate"
 ABORT_PATH = "/inference/v1/abort_requests"
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound for top_logprobs
 UPSTREAM_ID_PREFIX = "generate-tokens-"  # what vLLM puts before our request_id (serving.py, serve_tokens)
 
 _FINISH: dict[str, BackendFinish] = {"stop": "stop", "length": "length", "abort": "abort"}
@@ -59,6 +66,10 @@ def sampling_params(
         params["seed"] = sampling.seed
     if allowed_token_ids is not None:
         params["allowed_token_ids"] = allowed_token_ids
+    if sampling.logit_bias:
+        params["logit_bias"] = {str(k): v for k, v in sampling.logit_bias.items()}
+    if sampling.logprobs is not None:
+        params["logprobs"] = sampling.logprobs + 1
     return params
 
 
@@ -77,7 +88,7 @@ def generate_body(
     return orjson.dumps(body)
 
 
-def parse_event(line: str) -> TokenChunk | None:
+def parse_event(line: str, logprobs: int | None = None) -> TokenChunk | None:
     """One SSE line -> a chunk; None for keep-alives, blank lines and the final `[DONE]`."""
     if not line.startswith("data:"):
         return None
@@ -90,16 +101,28 @@ def parse_event(line: str) -> TokenChunk | None:
     choices = event.get("choices") or []
     if not choices:
         return None  # a usage-only chunk
-    return choice_chunk(choices[0])
+    return choice_chunk(choices[0], logprobs)
 
 
-def choice_chunk(choice: dict[str, Any]) -> TokenChunk:
+def choice_chunk(choice: dict[str, Any], logprobs: int | None = None) -> TokenChunk:
+    """`logprobs`: the k the request asked for (None: it asked for none)."""
     reason = choice.get("finish_reason")
-    if reason is None:
-        return TokenChunk(list(choice.get("token_ids") or []), None)
-    if reason not in _FINISH:  # "error" (vLLM sends it as an error event too), or one we do not know
+    if reason is not None and reason not in _FINISH:  # "error" (vLLM sends it as an error event too), or unknown
         raise UpstreamError(f"vLLM ended the sequence with finish_reason {reason!r}")
-    return TokenChunk(list(choice.get("token_ids") or []), _FINISH[reason])
+    ids = list(choice.get("token_ids") or [])
+    steps = None
+    if logprobs is not None:
+        content = (choice.get("logprobs") or {}).get("content") or []
+        if len(content) != len(ids):
+            raise UpstreamError(f"vLLM sent {len(content)} logprobs for {len(ids)} tokens")
+        steps = [step_logprobs(entry, logprobs) for entry in content]
+    return TokenChunk(ids, _FINISH[reason] if reason is not None else None, steps)
+
+
+def step_logprobs(entry: dict[str, Any], k: int) -> StepLogprobs:
+    top = sorted(((t["token_id"], t["logprob"]) for t in entry.get("top_logprobs") or []
+                  if t.get("rank") is not None and t["rank"] <= k), key=lambda t: -t[1])
+    return StepLogprobs(entry["logprob"], top[:k])
 
 
 def error_message(payload: Any) -> str:

@@ -34,6 +34,12 @@ class ChatGLM3Family:
             if conversation.must_call else []
         return Prompt(token_ids=ids, parser=parser, forced_prefixes=prefixes)
 
+    def encode_raw(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)  # [gMASK, sop] + sentencepiece, as THUDM's tokenizer.encode
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.tokenizer.piece_bytes(token_id)
+
     def decode(self, token_ids: list[int]) -> str:
         """Generated text for the parser: specials dropped, except <|assistant|>, which starts a new message.
 

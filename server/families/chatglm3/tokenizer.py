@@ -156,6 +156,12 @@ class ChatGLM3Tokenizer:
                 out += render[i].encode()
         return out.decode("utf-8", errors="replace")
 
+    def piece_bytes(self, index: int) -> bytes:
+        """One id's own bytes, as decode_text joins them; a special token by its name, padding ids as b""."""
+        if 0 <= index < len(self._piece_bytes):
+            return self._piece_bytes[index]
+        return self._id_to_piece(index).encode()
+
     def _bytes_of(self, index: int) -> bytes:
         if index in self._blank_ids or self.sp.is_control(index) or self.sp.is_unknown(index):
             return b""
