@@ -5,8 +5,12 @@
 Sends a fixed number of requests (then stops; --max-seconds bounds the wall time as well): chat completions,
 streamed and not, with 1-8 new tokens; embeddings; streams dropped after their first chunk; malformed JSON;
 prompts longer than the context. Every request must end within --timeout and be answered 200 or with a 4xx in
-the OpenAI error shape (429 with Retry-After); a 5xx, a hang or a malformed answer is a violation. With --pid it
-also reports the server's resident memory after a warm-up and at the end. Exit status 1 on any violation.
+the OpenAI error shape (429 with Retry-After); a 5xx, a hang or a malformed answer is a violation. The server's
+/metrics are read before and after: it must have counted every request exactly once, by the status the client saw.
+
+With --pid it also follows the server's resident memory: warm-up rounds of --warmup requests run until a round
+grows it by less than --plateau-percent (at most --warmup-rounds), then the measured requests run with a sample
+every --sample-every requests; the verdict is the growth over them and its slope. Exit status 1 on any violation.
 
 Loopback only: this is a test of our own server, never a load generator for someone else's.
 """
@@ -17,7 +21,9 @@ import argparse
 import asyncio
 import ipaddress
 import json
+import os
 import random
+import signal
 import sys
 import time
 from collections import Counter
@@ -40,12 +46,19 @@ class SoakConfig:
     concurrency: int = 32
     timeout: float = 120.0  # per request: longer is a hang
     max_seconds: float = 900.0  # the whole run, warm-up included
-    warmup: int = 64
+    warmup: int = 200  # requests per warm-up round
+    warmup_rounds: int = 5  # at most; a round that grows resident memory by < plateau_percent ends the warm-up
+    plateau_percent: float = 1.0
+    sample_every: int = 100  # resident memory sample every this many measured requests
     api_key: str | None = None
     pid: int | None = None
     seed: int = 0
     model: str | None = None
     context: int = 0  # the model's context in tokens; read from /v1/models when 0
+    # A fault test: hooks[n]() runs when the n-th measured request is sent (e.g. SIGKILL the engine), and while the
+    # engine is down a 503 OpenAI error with Retry-After, or a stream ending in an OpenAI error event, is expected.
+    hooks: dict[int, object] = field(default_factory=dict)
+    engine_down_ok: bool = False
     started: float = 0.0  # time.monotonic() when run_soak began; set by it
 
 
@@ -56,36 +69,70 @@ class Outcome:
     seconds: float
     problem: str | None = None
     at: float = 0.0  # when it was sent, seconds since the soak began: a transport error's context
+    error_event: bool = False  # a stream that ended with an in-band OpenAI error (engine_down_ok only)
+
+    @property
+    def ended(self) -> float:
+        return self.at + self.seconds
 
 
 @dataclass
 class Report:
-    outcomes: list[Outcome] = field(default_factory=list)
+    outcomes: list[Outcome] = field(default_factory=list)  # the measured requests
+    warmup_outcomes: list[Outcome] = field(default_factory=list)
     seconds: float = 0.0
-    rss_before_kib: int | None = None
+    rss_start_kib: int | None = None  # before the warm-up
+    warmup_rss_kib: list[int] = field(default_factory=list)  # after each warm-up round
+    rss_before_kib: int | None = None  # after the warm-up: the plateau's start
     rss_after_kib: int | None = None
+    rss_samples: list[tuple[int, int]] = field(default_factory=list)  # (measured requests done, KiB)
+    # (route, status) -> [answers the clients saw, requests the server's /metrics counted], where they differ
+    metrics_mismatch: dict[str, list[int]] | None = None
+    hook_times: dict[int, float] = field(default_factory=dict)  # n -> when hooks[n] ran (seconds since the start)
 
     @property
     def violations(self) -> list[Outcome]:
-        return [o for o in self.outcomes if o.problem]
+        return [o for o in self.warmup_outcomes + self.outcomes if o.problem]
+
+    def slope_kib_per_request(self) -> float | None:
+        """Least-squares slope of resident memory over the measured requests (noise-robust, unlike two points)."""
+        pts = self.rss_samples
+        if len(pts) < 2:
+            return None
+        mx = sum(x for x, _ in pts) / len(pts)
+        my = sum(y for _, y in pts) / len(pts)
+        var = sum((x - mx) ** 2 for x, _ in pts)
+        return sum((x - mx) * (y - my) for x, y in pts) / var if var else None
 
     def summary(self) -> dict:
         statuses = Counter(f"{o.kind} {o.status}" for o in self.outcomes)
-        growth = None
-        if self.rss_before_kib and self.rss_after_kib:
-            growth = round(100 * (self.rss_after_kib - self.rss_before_kib) / self.rss_before_kib, 2)
+        growth = _percent(self.rss_before_kib, self.rss_after_kib)
+        slope = self.slope_kib_per_request()
         return {
             "requests": len(self.outcomes),
             "seconds": round(self.seconds, 1),
             "requests_per_second": round(len(self.outcomes) / self.seconds, 1) if self.seconds else None,
             "status_by_kind": dict(sorted(statuses.items())),
             "rate_limited_429": sum(o.status == 429 for o in self.outcomes),
+            "unavailable_503": sum(o.status == 503 for o in self.outcomes),
+            "stream_error_events": sum(o.error_event for o in self.outcomes),
             "server_errors_5xx": sum((o.status or 0) >= 500 for o in self.outcomes),
             "hung": sum(o.problem == "hung" for o in self.outcomes),
             "slowest_seconds": round(max((o.seconds for o in self.outcomes), default=0), 2),
+            "warmup": {
+                "requests": len(self.warmup_outcomes),
+                "rounds": len(self.warmup_rss_kib),
+                "rss_start_mib": _mib(self.rss_start_kib),
+                "rss_after_each_round_mib": [_mib(k) for k in self.warmup_rss_kib],
+                "growth_percent": _percent(self.rss_start_kib, self.rss_before_kib),
+            },
             "rss_before_mib": _mib(self.rss_before_kib),
             "rss_after_mib": _mib(self.rss_after_kib),
-            "rss_growth_percent": growth,
+            "rss_growth_percent": growth,  # the plateau: from after the warm-up to the end
+            "rss_slope_mib_per_1000": None if slope is None else round(slope * 1000 / 1024, 2),
+            "rss_slope_percent_per_1000": (None if slope is None or not self.rss_before_kib
+                                           else round(100 * slope * 1000 / self.rss_before_kib, 2)),
+            "metrics_mismatch": self.metrics_mismatch,
             "violations": len(self.violations),
             "violation_kinds": dict(Counter(f"{o.kind} {o.status}: {o.problem[:160]}" for o in self.violations)),
             "violation_examples": [{"kind": o.kind, "sent_at_s": round(o.at, 2), "took_s": round(o.seconds, 3),
@@ -95,6 +142,10 @@ class Report:
 
 def _mib(kib: int | None) -> float | None:
     return None if kib is None else round(kib / 1024, 1)
+
+
+def _percent(before: int | None, after: int | None) -> float | None:
+    return round(100 * (after - before) / before, 2) if before and after else None
 
 
 def rss_kib(pid: int) -> int:
@@ -114,9 +165,9 @@ def require_loopback(url: str) -> None:
         raise SystemExit(f"bench.soak only targets this machine (127.0.0.1, ::1, localhost), not {host!r}")
 
 
-def check_error(r: httpx.Response) -> str | None:
+def check_error(r: httpx.Response, engine_down_ok: bool = False) -> str | None:
     """None if `r` is a well-formed refusal, else what is wrong with it."""
-    if r.status_code >= 500:
+    if r.status_code >= 500 and not (engine_down_ok and r.status_code == 503):
         return f"server error: {r.text[:200]}"
     try:
         err = r.json()["error"]
@@ -124,8 +175,8 @@ def check_error(r: httpx.Response) -> str | None:
         return f"not an OpenAI error body: {r.text[:200]}"
     if not isinstance(err, dict) or set(err) != {"message", "type", "param", "code"} or not err["message"]:
         return f"not an OpenAI error body: {r.text[:200]}"
-    if r.status_code == 429 and not r.headers.get("retry-after", "").isdigit():
-        return "429 without Retry-After"
+    if r.status_code in (429, 503) and not r.headers.get("retry-after", "").isdigit():
+        return f"{r.status_code} without Retry-After"
     return None
 
 
@@ -140,14 +191,17 @@ def _chat_body(rng: random.Random, cfg: SoakConfig, **extra) -> dict:
 async def one(client: httpx.AsyncClient, kind: str, rng: random.Random, cfg: SoakConfig) -> Outcome:
     started = time.monotonic()
     status, problem = None, None
+    error_event = False
     try:
         async with asyncio.timeout(cfg.timeout):
-            status, problem = await _send(client, kind, rng, cfg)
+            status, problem, *event = await _send(client, kind, rng, cfg)
+            error_event = bool(event and event[0])
     except TimeoutError:
         problem = "hung"
     except httpx.HTTPError as exc:
         problem = f"transport error: {type(exc).__name__}: {exc}"
-    return Outcome(kind, status, time.monotonic() - started, problem, at=started - cfg.started)
+    return Outcome(kind, status, time.monotonic() - started, problem, at=started - cfg.started,
+                   error_event=error_event)
 
 
 async def _send(client: httpx.AsyncClient, kind: str, rng: random.Random, cfg: SoakConfig):
@@ -155,13 +209,13 @@ async def _send(client: httpx.AsyncClient, kind: str, rng: random.Random, cfg: S
         r = await client.post("/v1/chat/completions", json=_chat_body(rng, cfg))
         if r.status_code == 200:
             return r.status_code, None if r.json()["choices"][0]["message"]["content"] is not None else "no content"
-        return r.status_code, check_error(r)
+        return r.status_code, check_error(r, cfg.engine_down_ok)
     if kind == "embed":
         texts = [f"soak text {rng.random()}" * rng.randint(1, 20) for _ in range(rng.randint(1, 8))]
         r = await client.post("/v1/embeddings", json={"input": texts})
         if r.status_code == 200:
             return r.status_code, None if len(r.json()["data"]) == len(texts) else "wrong number of vectors"
-        return r.status_code, check_error(r)
+        return r.status_code, check_error(r, cfg.engine_down_ok)
     if kind == "malformed":
         r = await client.post("/v1/chat/completions", content=rng.choice(MALFORMED),
                               headers={"Content-Type": "application/json"})
@@ -179,19 +233,29 @@ async def _stream(client: httpx.AsyncClient, drop: bool, rng: random.Random, cfg
     async with client.stream("POST", "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
             await r.aread()
-            return r.status_code, check_error(r)
+            return r.status_code, check_error(r, cfg.engine_down_ok)
         data = []
         async for line in r.aiter_lines():
             if line.startswith("data: "):
                 data.append(line[6:])
                 if drop:
                     return r.status_code, None  # leaving the block closes the connection mid-stream
+    if cfg.engine_down_ok and data and _is_error_event(data[-1]):
+        return r.status_code, None, True  # the engine died under it: an error event ends the stream
     if not data or data[-1] != "[DONE]":
         return r.status_code, f"stream did not end with [DONE]: {data[-1:]}"
     for payload in data[:-1]:
         if "error" in json.loads(payload):
             return r.status_code, f"in-band error: {payload[:200]}"
     return r.status_code, None
+
+
+def _is_error_event(payload: str) -> bool:
+    try:
+        err = json.loads(payload)["error"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return isinstance(err, dict) and set(err) == {"message", "type", "param", "code"} and bool(err["message"])
 
 
 async def _context(client: httpx.AsyncClient, model: str | None) -> int:
@@ -203,15 +267,28 @@ async def _context(client: httpx.AsyncClient, model: str | None) -> int:
     return int(cards[0]["max_model_len"])
 
 
-async def _batch(client, kinds: list[str], rng: random.Random, cfg: SoakConfig, deadline: float) -> list[Outcome]:
+async def _batch(client, kinds: list[str], rng: random.Random, cfg: SoakConfig, deadline: float,
+                 on_done=None, hooks=None, hook_times=None) -> list[Outcome]:
+    """`kinds` at cfg.concurrency; `on_done(n)` after the n-th request ends (in order of ending), and
+    `hooks[n]()` (hook_times[n] = when) as the n-th is sent."""
     sem = asyncio.Semaphore(cfg.concurrency)
     seeds = [rng.randrange(2**32) for _ in kinds]
+    done = sent = 0
 
     async def run(kind: str, seed: int) -> Outcome | None:
+        nonlocal done, sent
         async with sem:
             if time.monotonic() > deadline:
                 return None  # --max-seconds: stop sending, report what we have
-            return await one(client, kind, random.Random(seed), cfg)
+            sent += 1
+            if hooks and sent in hooks:
+                hooks[sent]()
+                hook_times[sent] = time.monotonic() - cfg.started
+            outcome = await one(client, kind, random.Random(seed), cfg)
+        done += 1
+        if on_done is not None:
+            on_done(done)
+        return outcome
 
     results = await asyncio.gather(*(run(k, s) for k, s in zip(kinds, seeds)))
     return [o for o in results if o is not None]
@@ -229,18 +306,83 @@ async def run_soak(cfg: SoakConfig) -> Report:
     async with httpx.AsyncClient(base_url=cfg.url, headers=headers, limits=limits, timeout=cfg.timeout) as client:
         if not cfg.context:
             cfg.context = await _context(client, cfg.model)
-        # Warm-up at full concurrency: allocator pools, thread pools and caches reach their working size first,
-        # so the memory comparison measures growth under load, not start-up.
-        await _batch(client, rng.choices(list(MIX), weights=list(MIX.values()), k=cfg.warmup), rng, cfg, deadline)
+        counted_before = await request_counts(client)
+        await _warm_up(client, rng, cfg, deadline, report)
         if cfg.pid:
             report.rss_before_kib = rss_kib(cfg.pid)
+            report.rss_samples.append((0, report.rss_before_kib))
+
+        def sample(n: int) -> None:
+            if cfg.pid and n % cfg.sample_every == 0 and n < len(kinds):
+                report.rss_samples.append((n, rss_kib(cfg.pid)))
+
         started = time.monotonic()
-        report.outcomes = await _batch(client, kinds, rng, cfg, deadline)
+        report.outcomes = await _batch(client, kinds, rng, cfg, deadline, on_done=sample, hooks=cfg.hooks,
+                                       hook_times=report.hook_times)
         report.seconds = time.monotonic() - started
+        report.metrics_mismatch = await _reconcile(client, counted_before,
+                                                   report.warmup_outcomes + report.outcomes)
     if cfg.pid:
         await asyncio.sleep(1.0)  # let dropped streams' cleanup finish
         report.rss_after_kib = rss_kib(cfg.pid)
+        report.rss_samples.append((len(report.outcomes), report.rss_after_kib))
     return report
+
+
+async def _warm_up(client, rng: random.Random, cfg: SoakConfig, deadline: float, report: Report) -> None:
+    """Rounds at full concurrency until resident memory stops rising: allocator pools, thread pools and caches
+    reach their working size first (a one-off high-water mark), so the verdict measures growth under load."""
+    previous = report.rss_start_kib = rss_kib(cfg.pid) if cfg.pid else None
+    for _ in range(cfg.warmup_rounds if cfg.pid else min(cfg.warmup_rounds, 1)):
+        kinds = rng.choices(list(MIX), weights=list(MIX.values()), k=cfg.warmup)
+        report.warmup_outcomes += await _batch(client, kinds, rng, cfg, deadline)
+        if not cfg.pid:
+            return
+        await asyncio.sleep(0.5)  # dropped streams' cleanup, as before the final reading
+        now = rss_kib(cfg.pid)
+        report.warmup_rss_kib.append(now)
+        if len(report.warmup_rss_kib) > 1 and 100 * (now - previous) / previous < cfg.plateau_percent:
+            return
+        previous = now
+
+
+ROUTES = {"embed": "/v1/embeddings"}  # every other kind posts to /v1/chat/completions
+# The routes the soak's requests can be counted under ("other": a request no route matched).
+_SOAK_ROUTES = {"/v1/embeddings", "/v1/chat/completions", "other"}
+
+
+async def request_counts(client: httpx.AsyncClient) -> Counter:
+    """The server's glm_serve_requests counter: (route, status) -> requests."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = await client.get("/metrics")
+    r.raise_for_status()
+    counts: Counter = Counter()
+    for family in text_string_to_metric_families(r.text):
+        if family.name == "glm_serve_requests":
+            for s in family.samples:
+                if s.name.endswith("_total"):
+                    counts[(s.labels["route"], s.labels["status"])] = int(s.value)
+    return counts
+
+
+async def _reconcile(client: httpx.AsyncClient, before: Counter, outcomes: list[Outcome],
+                     wait: float = 10.0) -> dict[str, list[int]] | None:
+    """None when the server counted exactly the answers the clients saw (route and status), else the difference.
+
+    A dropped stream is counted when the server notices and finishes it, so the comparison is retried briefly.
+    Requests that got no answer (a transport error: already a violation) are counted as status "none"."""
+    seen = Counter((ROUTES.get(o.kind, "/v1/chat/completions"), str(o.status).lower()) for o in outcomes)
+    give_up = time.monotonic() + wait
+    while True:
+        now = await request_counts(client)
+        counted = Counter({k: now[k] - before[k] for k in now if k[0] in _SOAK_ROUTES and now[k] > before[k]})
+        if counted == seen or time.monotonic() > give_up:
+            break
+        await asyncio.sleep(0.25)
+    diff = {f"{route} {status}": [seen[(route, status)], counted[(route, status)]]
+            for route, status in sorted(set(seen) | set(counted)) if seen[(route, status)] != counted[(route, status)]}
+    return diff or None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,20 +392,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=SoakConfig.concurrency)
     p.add_argument("--timeout", type=float, default=SoakConfig.timeout, help="seconds before a request is hung")
     p.add_argument("--max-seconds", type=float, default=SoakConfig.max_seconds, help="bound on the whole run")
-    p.add_argument("--warmup", type=int, default=SoakConfig.warmup)
+    p.add_argument("--warmup", type=int, default=SoakConfig.warmup, help="requests per warm-up round")
+    p.add_argument("--warmup-rounds", type=int, default=SoakConfig.warmup_rounds, help="at most this many")
+    p.add_argument("--plateau-percent", type=float, default=SoakConfig.plateau_percent,
+                   help="a warm-up round growing resident memory by less ends the warm-up")
+    p.add_argument("--sample-every", type=int, default=SoakConfig.sample_every)
     p.add_argument("--api-key", default=None)
     p.add_argument("--pid", type=int, default=None, help="server process id, to report its resident memory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None)
+    p.add_argument("--kill-engine-at", type=int, default=None, metavar="N",
+                   help="SIGKILL --engine-pid as the N-th measured request is sent; 503s and stream error events "
+                   "are then expected answers")
+    p.add_argument("--engine-pid", type=int, default=None, help="the engine process (e.g. glm-serve's vLLM child)")
     p.add_argument("--json", type=Path, default=None, help="also write the summary here")
     args = p.parse_args(argv)
-    cfg = SoakConfig(**{k: v for k, v in vars(args).items() if k != "json"})
+    opts = {k: v for k, v in vars(args).items() if k not in ("json", "kill_engine_at", "engine_pid")}
+    cfg = SoakConfig(**opts)
+    if args.kill_engine_at is not None:
+        if args.engine_pid is None:
+            p.error("--kill-engine-at needs --engine-pid")
+        cfg.hooks = {args.kill_engine_at: lambda: os.kill(args.engine_pid, signal.SIGKILL)}
+        cfg.engine_down_ok = True
     summary = asyncio.run(run_soak(cfg)).summary()
     text = json.dumps(summary, indent=2)
     print(text)
     if args.json:
         args.json.write_text(text + "\n")
-    return 1 if summary["violations"] else 0
+    return 1 if summary["violations"] or summary["metrics_mismatch"] else 0
 
 
 if __name__ == "__main__":

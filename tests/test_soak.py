@@ -1,7 +1,8 @@
 """Load and faults: 1000 mixed requests at concurrency 32 against a server with a short queue (bench/soak.py).
 
-No hangs, no 5xx, every refusal an OpenAI error (429s with Retry-After, and they must really happen), and the
-server's resident memory may grow by under 10% from after the warm-up to the end.
+No hangs, no 5xx, every refusal an OpenAI error (429s with Retry-After, and they must really happen), the server's
+/metrics count every request once by the status its client saw, and resident memory, measured from a warm plateau
+(warm-up rounds until a round grows it by under 1%), grows by under 5% over the 1000 requests.
 """
 
 from __future__ import annotations
@@ -10,12 +11,15 @@ import asyncio
 import json
 import os
 
+import httpx
 import pytest
 
 from bench.soak import SoakConfig, require_loopback, run_soak
 from tests.support import ARTIFACTS, running_server
 
 REQUESTS = int(os.environ.get("SOAK_REQUESTS", "1000"))
+# Warm-up rounds until one grows resident memory by under 1% (here the 2nd or 3rd); at most 600 requests.
+WARMUP_ROUND, WARMUP_ROUNDS = 150, 4
 # A short queue and a small batch, so that 32 clients really overflow it; a small context so that the
 # over-long prompts are refused cheaply.
 SOAK_ENV = {"DTYPE": "float32", "MAX_RUNNING_REQUESTS": "8", "MAX_WAITING_REQUESTS": "4", "MAX_MODEL_LEN": "512",
@@ -23,10 +27,12 @@ SOAK_ENV = {"DTYPE": "float32", "MAX_RUNNING_REQUESTS": "8", "MAX_WAITING_REQUES
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # ~3-4 min on a quiet machine; a busy one (other engineers' builds) takes longer
 def test_soak_mixed_traffic_with_drops_and_junk():
     with running_server(SOAK_ENV, name="soak") as srv:
         report = asyncio.run(run_soak(SoakConfig(url=srv.url, requests=REQUESTS, concurrency=32, timeout=120,
-                                                 max_seconds=600, pid=srv.proc.pid)))
+                                                 max_seconds=900, pid=srv.proc.pid, warmup=WARMUP_ROUND,
+                                                 warmup_rounds=WARMUP_ROUNDS, sample_every=50)))
         log = srv.log_tail(30)
     summary = report.summary()
     ARTIFACTS.mkdir(exist_ok=True)
@@ -36,9 +42,13 @@ def test_soak_mixed_traffic_with_drops_and_junk():
     assert summary["violations"] == 0, f"{summary}\n{log}"
     assert summary["hung"] == 0 and summary["server_errors_5xx"] == 0
     assert summary["rate_limited_429"] > 0, "the queue never overflowed: the test did not test backpressure"
+    assert summary["metrics_mismatch"] is None, f"/metrics and the clients disagree: {summary['metrics_mismatch']}"
     # Was 20-45% (issue #5): not a leak but glibc keeping the memory freed by CPU embedding batches; malloc_trim
-    # after each batch (server/embeddings.py) gives it back, and a trimmed process is as small as a fresh one.
-    assert summary["rss_growth_percent"] < 10, summary
+    # after each batch (server/embeddings.py) gives it back. From a fresh server the first ~1000 requests still
+    # raise the high-water mark by ~10% (issue #17), so the verdict is taken from the plateau after the warm-up.
+    print(f"warm-up: {summary['warmup']}; plateau: {summary['rss_growth_percent']}% over {REQUESTS} requests, "
+          f"slope {summary['rss_slope_percent_per_1000']}% per 1000")
+    assert summary["rss_growth_percent"] < 5, summary
 
 
 def test_soak_refuses_other_hosts():
@@ -48,3 +58,28 @@ def test_soak_refuses_other_hosts():
     for url in ("http://10.0.0.1:6006", "http://example.com", "http://127.0.0.1.nip.io:6006"):
         with pytest.raises(SystemExit):
             require_loopback(url)
+
+
+def test_soak_reconciliation_names_what_the_server_did_not_count():
+    """The /metrics check can fail: a request a client saw answered but the server never counted is reported."""
+    from bench.soak import Outcome, _reconcile, request_counts
+
+    head = "# HELP glm_serve_requests_total HTTP requests\n# TYPE glm_serve_requests_total counter\n"
+    texts = iter([
+        head + 'glm_serve_requests_total{route="/v1/chat/completions",status="200"} 5.0\n',
+        head + 'glm_serve_requests_total{route="/v1/chat/completions",status="200"} 6.0\n'
+        'glm_serve_requests_total{route="/v1/embeddings",status="200"} 1.0\n',
+    ])
+    last = {}
+
+    def answer(request):
+        last["text"] = next(texts, last.get("text"))
+        return httpx.Response(200, text=last["text"])
+
+    async def check():
+        async with httpx.AsyncClient(base_url="http://127.0.0.1", transport=httpx.MockTransport(answer)) as client:
+            before = await request_counts(client)
+            seen = [Outcome("chat", 200, 0.1), Outcome("stream", 200, 0.1), Outcome("embed", 200, 0.1)]
+            return await _reconcile(client, before, seen, wait=0.3)
+
+    assert asyncio.run(check()) == {"/v1/chat/completions 200": [2, 1]}
