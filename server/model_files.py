@@ -42,6 +42,14 @@ def read_config(path: str) -> dict:
         ) from exc
 
 
+def context_length(folder: str, cap: int) -> int:
+    """The model's own context (config.json of a local folder), capped by MAX_MODEL_LEN; 2048 if neither says."""
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    own = next((config[k] for k in ("max_position_embeddings", "seq_length") if isinstance(config.get(k), int)), 0)
+    return min(own, cap) if own and cap else (own or cap or 2048)
+
+
 def model_folder(path: str, cache_dir: str | os.PathLike[str]) -> str:
     """A folder (or hub id) any engine can load: a `.gguf` file is converted once to a cached HF folder."""
     return str(converted_gguf(Path(path), Path(cache_dir))) if path.endswith(".gguf") else path

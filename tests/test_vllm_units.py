@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from server.backends.base import TokenChunk
+from server.backends.child.prefix import allowed_next
 from server.backends.native.scheduler import Sequence
 from server.backends.vllm.adapters import max_lora_rank, prepare_adapters, translate_glm_adapter
 from server.backends.vllm.launch import VLLMInstall, vllm_argv
-from server.backends.vllm.prefix import allowed_next
 from server.backends.vllm.wire import UpstreamError, generate_body, parse_event, sampling_params
 from server.config import Settings
 from server.errors import ConfigError

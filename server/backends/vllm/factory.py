@@ -12,6 +12,7 @@ from server.backends.vllm.remote import Remote
 from server.backends.vllm.supervisor import Supervisor
 from server.config import Settings, derive_model_name
 from server.errors import ConfigError
+from server.model_files import context_length
 
 
 def build_vllm_backend(settings: Settings, *, model_folder: str, adapters: dict[str, str]) -> VLLMBackend:
@@ -21,7 +22,7 @@ def build_vllm_backend(settings: Settings, *, model_folder: str, adapters: dict[
         raise ConfigError("Set VLLM_URL (connect to a running vLLM) or VLLM_PYTHON (glm-serve starts vLLM), not both.")
     config = _local_config(model_folder)
     common = dict(
-        context_length=_context(config, settings.max_model_len),
+        context_length=context_length(model_folder, settings.max_model_len),
         max_running=settings.max_running_requests,
         max_waiting=settings.max_waiting_requests,
         request_timeout=settings.request_timeout,
@@ -51,8 +52,3 @@ def build_vllm_backend(settings: Settings, *, model_folder: str, adapters: dict[
 def _local_config(folder: str) -> dict:
     path = Path(folder) / "config.json"
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-def _context(config: dict, cap: int) -> int:
-    own = next((config[k] for k in ("max_position_embeddings", "seq_length") if isinstance(config.get(k), int)), 0)
-    return min(own, cap) if own and cap else (own or cap or 2048)

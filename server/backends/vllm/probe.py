@@ -28,13 +28,6 @@ class ServerInfo:
     tokenizer_loaded: bool = False  # True: not --tokens-only (works, but vLLM detokenizes for nothing)
 
 
-async def healthy(client: httpx.AsyncClient, base_url: str, timeout: float = 5.0) -> bool:
-    try:
-        return (await client.get(f"{base_url}/health", timeout=timeout)).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 async def server_info(client: httpx.AsyncClient, base_url: str, *, where: str) -> ServerInfo:
     """Everything we need from a ready vLLM; ConfigError saying what is wrong with it otherwise."""
     try:

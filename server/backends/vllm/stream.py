@@ -20,7 +20,7 @@ import httpx
 import orjson
 
 from server.backends.base import GenerateRequest, TokenChunk
-from server.backends.vllm.prefix import allowed_next
+from server.backends.child.prefix import allowed_next
 from server.backends.vllm.wire import (
     GENERATE_PATH,
     UpstreamError,

@@ -1,0 +1,5 @@
+"""What every engine that runs as an HTTP server beside us shares (vLLM, llama.cpp's llama-server).
+
+supervisor.py (a child process started, watched, restarted and stopped by us), stream.py (one sequence: a task
+feeding a queue, cancel/abort, forced prefixes walked token by token), prefix.py (the forced-prefix rule).
+"""
