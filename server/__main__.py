@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from server.app import create_app
     from server.bootstrap import is_loopback
+    from server.http_protocol import protocol_class
 
     if not is_loopback(settings.host) and any(PLACEHOLDER_KEY in k for k in settings.api_key_list):
         # .env.example ships example keys, and the Docker image binds 0.0.0.0: a published key is no key.
@@ -87,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     app = create_app(settings, on_load_failure=on_load_failure)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                             access_log=False, timeout_graceful_shutdown=30,
-                            timeout_keep_alive=settings.keep_alive_timeout)
+                            timeout_keep_alive=settings.keep_alive_timeout,
+                            http=protocol_class(settings.header_read_timeout))
     server = uvicorn.Server(config)
     server.run()
     if failure:

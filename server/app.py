@@ -71,10 +71,10 @@ def create_app(settings: Settings, *, engine=None, embedder=None, on_load_failur
 def _install_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
     # Starlette runs the last added middleware first: CORS -> request id/log -> auth -> body limit -> routes,
     # so rejections still carry CORS headers and a request id, and nobody unauthenticated gets a body read.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes, timeout=settings.body_read_timeout)
     app.add_middleware(AuthMiddleware, keys=KeyRing(settings.api_key_list))
 
-    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, send_timeout=settings.stream_send_timeout)
 
     origins = settings.cors_origin_list
     if origins:

@@ -41,6 +41,15 @@ class Settings(BaseSettings):
     # first, so it closes a connection the client is just reusing and that request dies with a reset. A server that
     # outlives its clients' pools never races them (nginx's default, 75 s).
     keep_alive_timeout: float = Field(75.0, gt=0, description="seconds an idle keep-alive connection stays open")
+    # Slow and stuck clients (each would otherwise hold a connection, and a stream its engine slot, for ever).
+    stream_send_timeout: float = Field(
+        60.0, gt=0, description="seconds one write of a streamed answer may wait for a client that does not read "
+        "it; then the stream is aborted, its engine slot freed, and the abort logged and counted")
+    body_read_timeout: float = Field(60.0, gt=0, description="seconds a client may take to send its whole request "
+                                     "body (408 after)")
+    header_read_timeout: float = Field(
+        30.0, gt=0, description="seconds a request's headers may take to arrive (also the first request on a new "
+        "connection); then the connection is closed")
     engine: Literal["auto", "native", "vllm"] = Field(
         "auto", description="auto: vLLM when VLLM_URL or VLLM_PYTHON is set, else native (our scheduler)")
     vllm_url: str = Field("", description="a running vLLM server started with --tokens-only (http://gpu-node:8000)")

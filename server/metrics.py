@@ -29,6 +29,8 @@ class Metrics:
         self.embedding_batches = Counter("glm_serve_embedding_batches", "Embedding batches (forward passes)",
                                          registry=r)
         self.embedding_texts = Counter("glm_serve_embedding_texts", "Texts embedded", registry=r)
+        self.slow_client_aborts = Counter("glm_serve_slow_client_aborts", "Requests aborted because the client "
+                                          "stopped reading the answer (STREAM_SEND_TIMEOUT)", registry=r)
         self.memory = Gauge("glm_serve_process_resident_bytes", "Resident memory of the server process", registry=r)
 
     # -- serving-layer observer (event loop) -------------------------------------------------------

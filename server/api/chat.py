@@ -43,7 +43,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return EventSourceResponse(_sse(meta, streams, prepared[0].prompt_tokens, include_usage),
-                                   ping=15, send_timeout=60)
+                                   ping=15)  # each write is bounded by STREAM_SEND_TIMEOUT (middleware)
     try:
         results = await until_disconnected(request, asyncio.gather(*(_collect(s) for s in streams)))
     finally:

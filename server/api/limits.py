@@ -1,4 +1,4 @@
-"""Request bounds enforced before any route runs: body size (413) and a sane request id.
+"""Request bounds enforced before any route runs: body size (413), body read time (408) and a sane request id.
 
 The body limit is a pure ASGI middleware that reads the body itself, up to the limit, and replays it to the
 app. Checking Content-Length alone is not enough (chunked uploads have none, and a client may lie), and
@@ -8,6 +8,8 @@ into a vague 400. Reading up front costs nothing extra: every route with a body 
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 import uuid
 
@@ -15,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.errors import APIError
 
+log = logging.getLogger("glm_serve.access")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -30,10 +33,17 @@ def too_large(limit: int) -> APIError:
                     "MAX_REQUEST_BYTES).", code="request_too_large")
 
 
+def body_too_slow(timeout: float) -> APIError:
+    # The rest of the body is still on its way: the connection cannot carry another request.
+    return APIError(408, f"The request body did not arrive within {timeout:g} s (BODY_READ_TIMEOUT).",
+                    code="request_timeout", headers={"Connection": "close"})
+
+
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float = 60.0):
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout = timeout  # for the whole body: a client trickling a byte at a time must not hold a request
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -58,17 +68,24 @@ class BodyLimitMiddleware:
 
         chunks: list[bytes] = []
         total = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return  # the client left before sending its body: nobody to answer
-            total += len(message.get("body", b""))
-            if total > self.max_bytes:
-                await too_large(self.max_bytes).response()(scope, receive, send)
-                return
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout(self.timeout):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return  # the client left before sending its body: nobody to answer
+                    total += len(message.get("body", b""))
+                    if total > self.max_bytes:
+                        await too_large(self.max_bytes).response()(scope, receive, send)
+                        return
+                    chunks.append(message.get("body", b""))
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            log.info("%s %s %s: the request body took over %g s (BODY_READ_TIMEOUT); answered 408",
+                        scope.get("state", {}).get("request_id", "-"), scope["method"], scope["path"], self.timeout)
+            await body_too_slow(self.timeout).response()(scope, receive, send)
+            return
 
         replayed = False
 

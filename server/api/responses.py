@@ -55,7 +55,7 @@ async def create_response(body: ResponsesRequest, request: Request):
     answer = ResponseAssembler(_echo(body, body.model or engine.models()[0].id))
     kept = _Keeper(store if body.store is not False else None, owner, conversation, answer)
     if body.stream:
-        return EventSourceResponse(_sse(stream, answer, kept), ping=15, send_timeout=60)
+        return EventSourceResponse(_sse(stream, answer, kept), ping=15)  # writes: STREAM_SEND_TIMEOUT (middleware)
     try:
         await until_disconnected(request, _drain(stream, answer))
     finally:
