@@ -18,7 +18,8 @@ log = logging.getLogger("glm_serve")
 
 
 def engine_choice(settings: Settings) -> tuple[str, str]:
-    """(engine, why): ENGINE=auto picks vLLM when one is configured, else our native engine."""
+    """(engine, why): ENGINE=auto picks vLLM when one is configured, else llama.cpp for a .gguf model when it is
+    configured (LLAMA_SERVER) or installed (the llamacpp extra), else our native engine."""
     if settings.engine == "native":
         return "native", "ENGINE=native"
     vllm_configured = bool(settings.vllm_url or settings.vllm_python)
@@ -27,9 +28,16 @@ def engine_choice(settings: Settings) -> tuple[str, str]:
             raise ConfigError("ENGINE=vllm needs VLLM_URL (a running vLLM started with --tokens-only) or "
                               "VLLM_PYTHON (the python of a venv with vLLM, which glm-serve then starts).")
         return "vllm", "ENGINE=vllm"
+    if settings.engine == "llamacpp":
+        return "llamacpp", "ENGINE=llamacpp"
     if vllm_configured:
         return "vllm", "ENGINE=auto and " + ("VLLM_URL" if settings.vllm_url else "VLLM_PYTHON") + " is set"
-    return "native", "ENGINE=auto and no vLLM is configured"
+    if resolve_model_path(settings.model_path).endswith(".gguf") and not settings.lora_modules.strip():
+        from server.backends.llamacpp.launch import configured_binary
+
+        if found := configured_binary(settings):
+            return "llamacpp", f"ENGINE=auto, a .gguf model and llama.cpp from {found[1]}"
+    return "native", "ENGINE=auto and no vLLM or llama.cpp is configured"
 
 
 def build_chat(settings: Settings, metrics=None) -> ChatService:
@@ -45,7 +53,14 @@ def build_chat(settings: Settings, metrics=None) -> ChatService:
 
         folder = model_folder(resolve_model_path(settings.model_path), settings.cache_dir)
         family = load_family(folder)
-        backend = build_vllm_backend(settings, model_folder=folder, adapters=lora)
+        backend = build_vllm_backend(settings, model_folder=folder, adapters=lora, family=family)
+    elif engine == "llamacpp":
+        from server.backends.llamacpp import build_llamacpp_backend
+        from server.families.loading import load_family
+
+        backend, folder = build_llamacpp_backend(settings, model_path=resolve_model_path(settings.model_path),
+                                                 adapters=lora)
+        family = load_family(folder)
     else:
         backend = build_native_backend(settings, lora)
         family = backend.loaded.family

@@ -50,14 +50,21 @@ class Settings(BaseSettings):
     header_read_timeout: float = Field(
         30.0, gt=0, description="seconds a request's headers may take to arrive (also the first request on a new "
         "connection); then the connection is closed")
-    engine: Literal["auto", "native", "vllm"] = Field(
-        "auto", description="auto: vLLM when VLLM_URL or VLLM_PYTHON is set, else native (our scheduler)")
+    engine: Literal["auto", "native", "vllm", "llamacpp"] = Field(
+        "auto", description="auto: vLLM when VLLM_URL or VLLM_PYTHON is set; else llama.cpp for a .gguf model when "
+        "LLAMA_SERVER is set or the llamacpp extra is installed; else native (our scheduler)")
     vllm_url: str = Field("", description="a running vLLM server started with --tokens-only (http://gpu-node:8000)")
     vllm_python: str = Field("", description="python of a venv with vLLM: glm-serve starts and supervises vLLM itself")
     vllm_args: str = Field("", description="extra vLLM command-line arguments, passed as they are")
     vllm_api_key: str = Field("", description="the key of a VLLM_URL server started with --api-key")
     vllm_port: int = Field(0, ge=0, description="port of the vLLM child (0: a free one on 127.0.0.1)")
     vllm_startup_timeout: float = Field(900.0, gt=0, description="seconds the vLLM child may take to become ready")
+    llama_server: str = Field("", description="llama.cpp's llama-server binary (a path or a name on PATH); default: "
+                              "the llamacpp extra's, then llama-server on PATH")
+    llamacpp_args: str = Field("", description="extra llama-server command-line arguments, passed as they are")
+    llamacpp_gguf: str = Field("", description="the GGUF llama.cpp loads when MODEL_PATH is a Hugging Face folder "
+                               "(default: converted once into CACHE_DIR as f16)")
+    llamacpp_startup_timeout: float = Field(600.0, gt=0, description="seconds llama-server may take to become ready")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM: GPUs one model is split across (tensor parallel)")
     pipeline_parallel_size: int = Field(1, ge=1, description="vLLM: pipeline stages (several nodes)")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM: share of GPU memory it may take")

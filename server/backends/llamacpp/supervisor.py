@@ -1,0 +1,57 @@
+"""llama-server as our supervised child (server/backends/child/supervisor.py does the supervising: process group,
+log, restart with backoff). Here: what the child is, and which of its log lines are worth an INFO line.
+
+Run with --log-prefix, every line starts with its level letter (I, W, E, D). The per-request lines (each slot's
+task start, timings and release, each HTTP request including our 2 s health poll) go to debug.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+
+from server.backends.child.supervisor import MAX_RESTARTS, ChildSupervisor
+from server.backends.llamacpp.launch import LlamaInstall, llama_argv, probe_install
+from server.config import Settings
+
+log = logging.getLogger("glm_serve.llamacpp")
+child_log = logging.getLogger("glm_serve.llamacpp.child")
+
+_LEVELS = {"I": logging.INFO, "W": logging.WARNING, "E": logging.ERROR, "D": logging.DEBUG}
+_PREFIX = re.compile(r"^(?:\d+\.\d+\.\d+\.\d+ )?([IWED]) (.*)$")
+_CHATTER = re.compile(r"^slot |log_server_r|update_slots|params_from_|all slots are idle|prompt cache|"
+                      r"get_availabl|launch_slot|print_timing|release: |cache_reuse|selected slot")
+
+
+class LlamaSupervisor(ChildSupervisor):
+    label = "llama.cpp"
+    tag = "llama.cpp"
+    timeout_setting = "LLAMACPP_STARTUP_TIMEOUT"
+
+    def __init__(self, settings: Settings, *, gguf: str, served_name: str, context: int,
+                 max_restarts: int = MAX_RESTARTS):
+        super().__init__(port=0, startup_timeout=settings.llamacpp_startup_timeout, log=log, child_log=child_log,
+                         max_restarts=max_restarts)
+        self.settings = settings
+        self.gguf = gguf
+        self.served_name = served_name
+        self.context = context
+        self.install: LlamaInstall | None = None
+
+    async def prepare(self) -> None:
+        self.install = await asyncio.to_thread(probe_install, self.settings)
+
+    def version(self) -> str:
+        return f"build {self.install.version}" if self.install else ""
+
+    def argv(self, port: int) -> list[str]:
+        return llama_argv(self.settings, self.install, gguf=self.gguf, served_name=self.served_name, port=port,
+                          context=self.context)
+
+    def line_level(self, line: str) -> int:
+        m = _PREFIX.match(line)
+        if not m:
+            return logging.INFO
+        level = _LEVELS[m[1]]
+        return logging.DEBUG if level == logging.INFO and _CHATTER.search(m[2]) else level
