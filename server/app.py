@@ -14,7 +14,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from server.api import chat, embeddings, models, responses
+from server.api import chat, completions, embeddings, models, responses
 from server.api.auth import AuthMiddleware, KeyRing
 from server.api.errors import install_error_handlers
 from server.api.limits import BodyLimitMiddleware
@@ -60,7 +60,7 @@ def create_app(settings: Settings, *, engine=None, embedder=None, on_load_failur
     app.state.responses_store = ResponseStore.from_settings(settings)  # the file opens on first use
     app.state.responses_owners = Owners(settings.api_key_list)
     install_error_handlers(app)
-    for router in (chat.router, embeddings.router, models.router, responses.router):
+    for router in (chat.router, completions.router, embeddings.router, models.router, responses.router):
         app.include_router(router)
     _install_middleware(app, settings, metrics)
     if settings.web_ui:

@@ -50,6 +50,16 @@ class ChatRequest:
 
 
 @dataclass
+class CompletionRequest:
+    """One choice of a legacy completion (POST /v1/completions): a raw prompt's ids, no chat template."""
+
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    adapter: str | None = None
+    request_id: str = ""
+
+
+@dataclass
 class TokenLogprob:
     """One generated token with its log probability and the most likely tokens at its step (highest first).
 
@@ -62,6 +72,7 @@ class TokenLogprob:
     bytes: list[int]
     logprob: float
     top: list[tuple[str, list[int], float]] = field(default_factory=list)
+    offset: int = 0  # where the token starts in the generated text, in characters
 
 
 @dataclass

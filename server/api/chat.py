@@ -77,27 +77,31 @@ def to_engine_requests(body: ChatCompletionRequest, adapter: str, request_id: st
     temperature = 1.0 if body.temperature is None else body.temperature
     if body.do_sample is False:
         temperature = 0.0  # zhipuai's switch for greedy decoding
-    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     n = body.n or 1
     out = []
     for i in range(n):
-        seed = None if body.seed is None else body.seed + i  # distinct but reproducible choices
-        sampling = SamplingParams(
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            top_k=body.top_k or 0,
-            presence_penalty=body.presence_penalty or 0.0,
-            frequency_penalty=body.frequency_penalty or 0.0,
-            repetition_penalty=body.repetition_penalty or 1.0,
-            seed=seed,
-            stop=stops,
-            logit_bias=body.logit_bias or {},
-            logprobs=logprobs,
-        )
+        sampling = sampling_for(body, i, max_tokens=max_tokens, temperature=temperature, logprobs=logprobs)
         out.append(ChatRequest(messages, sampling, tools=tools, tool_choice=tool_choice, legacy_functions=legacy,
                                adapter=adapter, request_id=f"{request_id}/{i}" if n > 1 else request_id))
     return out
+
+
+def sampling_for(body, choice: int, *, max_tokens: int | None, temperature: float,
+                 logprobs: int | None) -> SamplingParams:
+    """One choice's sampling from the fields chat and legacy completions share."""
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=body.top_k or 0,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=body.repetition_penalty or 1.0,
+        seed=None if body.seed is None else body.seed + choice,  # distinct but reproducible choices
+        stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
+        logit_bias=body.logit_bias or {},
+        logprobs=logprobs,
+    )
 
 
 def check_tool_choice(tools: list[dict[str, Any]] | None, tool_choice: Any) -> None:

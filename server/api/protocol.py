@@ -87,6 +87,17 @@ class ResponseFormat(_Lenient):
     type: str = "text"
 
 
+def _stop_list(v):
+    if v is None:
+        return v
+    stops = [v] if isinstance(v, str) else v
+    if len(stops) > 16:
+        raise ValueError("at most 16 stop sequences")
+    if any(len(s) > 512 for s in stops):
+        raise ValueError("each stop sequence must be at most 512 characters")
+    return v
+
+
 def _logit_bias(v: dict[str, float] | None) -> dict[int, float] | None:
     """OpenAI's shape: {"<token id>": bias in -100..100} (ids are checked against the vocabulary by the backend)."""
     if not v:
@@ -141,17 +152,56 @@ class ChatCompletionRequest(_Lenient):
     def _function_call(cls, v):
         return _named(v) if isinstance(v, dict) else v
 
-    @field_validator("stop")
-    @classmethod
-    def _stop_list(cls, v):
-        if v is None:
-            return v
-        stops = [v] if isinstance(v, str) else v
-        if len(stops) > 16:
-            raise ValueError("at most 16 stop sequences")
-        if any(len(s) > 512 for s in stops):
-            raise ValueError("each stop sequence must be at most 512 characters")
-        return v
+    _stop = field_validator("stop")(_stop_list)
+
+
+MAX_PROMPTS = 128  # prompts in one legacy completion request (each is a sequence, times n)
+
+
+def _prompts(v):
+    """Not empty, no empty prompt in a list, and a bounded number of prompts."""
+    if isinstance(v, list):
+        if not v:
+            raise ValueError("must not be empty")
+        if isinstance(v[0], list):
+            if any(not p for p in v):
+                raise ValueError("a token-id prompt must not be empty")
+            if len(v) > MAX_PROMPTS:
+                raise ValueError(f"at most {MAX_PROMPTS} prompts")
+        elif isinstance(v[0], str) and len(v) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts")
+    return v
+
+
+class CompletionRequest(_Lenient):
+    """POST /v1/completions (legacy): a raw prompt, no chat template."""
+
+    model: str | None = None
+    prompt: str | list[str] | list[int] | list[list[int]]
+    best_of: int | None = Field(None, ge=1, le=16)
+    echo: bool | None = False
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for this endpoint
+    n: int | None = Field(None, ge=1, le=16)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    seed: int | None = Field(None, ge=-INT64, lt=INT64)
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    suffix: str | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    user: str | None = None
+    # Extensions (vLLM names)
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=10.0)
+
+    _greedy = field_validator("temperature")(_near_zero_is_greedy)
+    _bias = field_validator("logit_bias")(_logit_bias)
+    _prompt = field_validator("prompt")(_prompts)
+    _stop = field_validator("stop")(_stop_list)
 
 
 class EmbeddingRequest(_Lenient):

@@ -16,17 +16,17 @@ from dataclasses import dataclass, field, replace
 
 from server.backends.base import Backend, GenerateRequest, TokenStream
 from server.errors import EngineError, PromptTooLong, RequestTimeout
-from server.families.base import ModelFamily, Prompt
+from server.families.base import ModelFamily, PlainTextParser, Prompt
 from server.serving.decode import IncrementalDetokenizer, StopStrings
 from server.serving.logprobs import LogprobTracker, TokenTexts
-from server.types import ChatEvent, ChatRequest, Finished, ModelCard
+from server.types import ChatEvent, ChatRequest, CompletionRequest, Finished, ModelCard
 
 log = logging.getLogger("glm_serve.serving")
 
 
 @dataclass
 class PreparedChat:
-    request: ChatRequest
+    request: ChatRequest | CompletionRequest
     prompt: Prompt
     max_tokens: int
 
@@ -89,11 +89,27 @@ class ChatService:
     def prepare(self, request: ChatRequest) -> PreparedChat:
         """Render and count the prompt; raise PromptTooLong / EngineError before anything streams."""
         prompt = self.family.build_prompt(request)
-        n, context = len(prompt.token_ids), self.context_length
-        room, wanted = context - n, request.sampling.max_tokens
+        max_tokens = self._room(len(prompt.token_ids), request.sampling.max_tokens)
+        return PreparedChat(request, prompt, max_tokens)
+
+    def prepare_raw(self, request: CompletionRequest) -> PreparedChat:
+        """A raw prompt (POST /v1/completions): its ids as they are, no chat template; the text comes back as
+        generated (no tool-call parsing). The rest of the road (n, limits, stop strings, usage) is the chat one."""
+        if not request.prompt_ids:
+            raise EngineError("The prompt is empty: it must hold at least one token.", param="prompt")
+        max_tokens = self._room(len(request.prompt_ids), request.sampling.max_tokens)
+        return PreparedChat(request, Prompt(list(request.prompt_ids), PlainTextParser()), max_tokens)
+
+    def encode_raw(self, text: str) -> list[int]:
+        """A raw prompt's ids, as the model's own tokenizer encodes text (blocking: call it in a worker thread)."""
+        return self.family.encode_raw(text)
+
+    def _room(self, prompt_tokens: int, wanted: int | None) -> int:
+        """The completion tokens a prompt leaves room for (all of `wanted`, else PromptTooLong)."""
+        room = self.context_length - prompt_tokens
         if room <= 0 or (wanted is not None and wanted > room):
-            raise PromptTooLong(n, wanted or 0, context)
-        return PreparedChat(request, prompt, wanted if wanted is not None else room)
+            raise PromptTooLong(prompt_tokens, wanted or 0, self.context_length)
+        return wanted if wanted is not None else room
 
     def prepare_choices(self, requests: list[ChatRequest]) -> list[PreparedChat]:
         """`prepare` for the n choices of one request, which differ only in sampling: the prompt is rendered once.

@@ -53,7 +53,9 @@ class LogprobTracker:
 
     def add(self, token_id: int, step: StepLogprobs | None, start: int) -> None:
         if step is not None:
-            self._pending.append((start, self._texts.entry(token_id, step)))
+            entry = self._texts.entry(token_id, step)
+            entry.offset = start
+            self._pending.append((start, entry))
 
     def released(self, upto: int) -> None:
         """The text before offset `upto` is out: the tokens that start in it are in the answer."""

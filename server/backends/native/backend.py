@@ -47,6 +47,10 @@ class NativeBackend:
 
     def generate(self, request: GenerateRequest) -> NativeStream:
         queue: asyncio.Queue[StepOutput] = asyncio.Queue()
+        bad = [t for t in request.prompt_ids if not 0 <= t < self.loaded.vocab_size]
+        if bad:  # a raw token-id prompt (/v1/completions): the embedding lookup would fail mid-batch
+            raise EngineError(f"Token id {bad[0]} in the prompt is outside the model's vocabulary "
+                              f"(0..{self.loaded.vocab_size - 1}).", param="prompt")
         bad = [t for t in request.sampling.logit_bias if not 0 <= t < self.loaded.vocab_size]
         if bad:
             raise EngineError(f"logit_bias names token id {bad[0]}, outside the model's vocabulary "

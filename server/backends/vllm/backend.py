@@ -197,7 +197,8 @@ class VLLMBackend:
         bad = [t for t in ids if t < 0 or (limit is not None and t >= limit)]
         if bad:
             raise EngineError(f"Token id {bad[0]} is outside the model's vocabulary"
-                              + (f" (0..{limit - 1})." if limit is not None else "."))
+                              + (f" (0..{limit - 1})." if limit is not None else "."),
+                              param="prompt" if bad[0] in request.prompt_ids else None)
         bad = [t for t in request.sampling.logit_bias if t < 0 or (limit is not None and t >= limit)]
         if bad:
             raise EngineError(f"logit_bias names token id {bad[0]}, outside the model's vocabulary"
