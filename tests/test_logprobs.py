@@ -189,3 +189,17 @@ def test_chatglm3_first_step_logprobs_equal_thudm_golden_logits():
         r2 = ask(client, model="chatglm3-6b", messages=messages, logprobs=True, max_tokens=2,
                  logit_bias={str(golden["generated_ids"][0]): -100})
         assert r2.choices[0].logprobs.content[0].token != first.token
+
+
+def test_zhipuai_sdk_sends_no_logprobs_and_gets_them_through_extra_body(server):
+    """The zhipuai SDK has no logprobs parameter (it never sends one); extra_body reaches them, as an extra field."""
+    from zhipuai import ZhipuAI
+
+    client = ZhipuAI(api_key="glm-serve.local-secret", base_url=server.base_url + "/")
+    plain = client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=4, do_sample=False)
+    assert plain.choices[0].message.content
+    r = client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=4, do_sample=False,
+                                       extra_body={"logprobs": True, "top_logprobs": 2})
+    assert r.choices[0].message.content == plain.choices[0].message.content
+    content = r.choices[0].logprobs["content"]
+    assert len(content) == r.usage.completion_tokens and all(len(e["top_logprobs"]) == 2 for e in content)
