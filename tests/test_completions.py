@@ -1,10 +1,10 @@
 """POST /v1/completions (legacy) on both engines: the real server on the embedded SmolLM2, via the openai SDK,
-httpx and curl. Raw prompts (no chat template), the legacy logprobs shape, echo, n, stop, list and token prompts."""
+httpx and curl. Raw prompts (no chat template), echo, n, stop, list and token prompts (the legacy logprobs shape is
+in test_logprobs.py, with the engines that report logprobs)."""
 
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 
 import httpx
@@ -79,28 +79,6 @@ def test_echo(engine_client):
     assert r.choices[0].text == PROMPT + plain
     out, _ = stream(engine_client, echo=True)
     assert out[0][0] == PROMPT + plain
-
-
-def test_legacy_logprobs(engine_client):
-    r = complete(engine_client, logprobs=3, max_tokens=10)
-    choice = r.choices[0]
-    lp = choice.logprobs
-    n = r.usage.completion_tokens
-    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n
-    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
-        assert 3 <= len(top) <= 4 and token in top and top[token] == value  # the sampled token is always in it
-        assert math.isclose(value, max(top.values()), abs_tol=1e-5)  # greedy: it is the most likely
-    # offsets point into the text; the tokens spell it (plus the stop token, when one ended it)
-    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
-    spelled = "".join(lp.tokens)
-    assert spelled == choice.text or (choice.finish_reason == "stop" and spelled.startswith(choice.text))
-    for token, offset in zip(lp.tokens, lp.text_offset):
-        assert choice.text[offset:offset + len(token)] == token or offset == len(choice.text)
-    out, _ = stream(engine_client, logprobs=3, max_tokens=10)
-    assert out[0][1] == lp.tokens and out[0][3] == lp.text_offset
-    assert all(abs(a - b) < 1e-4 for a, b in zip(out[0][2], lp.token_logprobs))
-    zero = complete(engine_client, logprobs=0, max_tokens=3).choices[0].logprobs
-    assert all(list(top) == [t] for t, top in zip(zero.tokens, zero.top_logprobs))
 
 
 def test_n_choices_and_seed(engine_client):
