@@ -47,6 +47,9 @@ class ChatRequest:
     legacy_functions: bool = False  # request used `functions`: answer with `function_call`
     adapter: str | None = None  # LoRA adapter name, None for the base model
     request_id: str = ""
+    # Structured outputs: None (free text), {"type": "json_object"} or {"type": "json_schema", "schema": {...},
+    # "strict": bool, "where": the schema's path in the request, for errors}
+    response_format: dict[str, Any] | None = None
 
 
 @dataclass

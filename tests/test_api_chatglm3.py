@@ -21,8 +21,10 @@ from tests.support import CHATGLM3_FIXTURES, ThreadedServer, running_server
 ENV = {"DTYPE": "float32", "EMBEDDING_PATH": "none", "WEB_UI": "false", "SERVED_MODEL_NAME": "chatglm3-6b"}
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_current_weather", "description": "Get the current weather in a given location",
-    "parameters": {"type": "object", "properties": {"location": {"type": "string"}, "unit": {"type": "string"}},
-                   "required": ["location"]}}}
+    "parameters": {"type": "object", "required": ["location"], "properties": {
+        "location": {"type": "string", "maxLength": 16}, "unit": {"type": "string", "maxLength": 16},
+        "days": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "maxItems": 4},
+        "detail": {"type": "object", "properties": {"wind": {"type": "boolean"}, "n": {"type": "number"}}}}}}}
 
 
 def _golden():
@@ -168,7 +170,9 @@ def glm_engine_factory():
     return serve
 
 
-CALL = "```python\ntool_call(location='北京', unit='celsius', days=[1, 2], detail={'wind': True, 'n': 1.5})\n```"
+# Python literals where the schema is a plain string, JSON inside: what a call constrained to the schema may say
+# (forced tool_choice), and what the parser reads from an unconstrained one.
+CALL = "```python\ntool_call(location='北京', unit='celsius', days=[1, 2], detail={\"wind\": true, \"n\": 1.5})\n```"
 ARGS = {"location": "北京", "unit": "celsius", "days": [1, 2], "detail": {"wind": True, "n": 1.5}}
 
 
@@ -237,8 +241,9 @@ TIME_TOOL = {"type": "function", "function": {"name": "get_time", "description":
                                               "parameters": {"type": "object", "properties": {}}}}
 
 
-def test_required_tool_choice_constrains_the_metadata_line_to_a_tool_name(glm_engine_factory):
-    """The model (steered by a hook) would rather answer in text; "required" must still get one of the tools."""
+def test_required_tool_choice_constrains_the_answer_to_a_tool_call(glm_engine_factory):
+    """The model (steered by a hook) would rather answer in text; "required" must still get one of the tools, and
+    its arguments as the tool's schema has them (the grammar spells the metadata line and the call)."""
     tok = glm_engine_factory.tokenizer
     names = ["get_current_weather", "get_time"]
     text_answer = tok.sp_encode("\n") + tok.sp_encode("It is sunny.")  # empty metadata line: plain text
@@ -273,12 +278,18 @@ def test_required_tool_choice_constrains_the_metadata_line_to_a_tool_name(glm_en
                                                   tool_choice="required", max_tokens=80, temperature=0)
         choice = required.choices[0]
         assert choice.finish_reason == "tool_calls" and not choice.message.content, choice
-        assert choice.message.tool_calls[0].function.name in names
-        assert json.loads(choice.message.tool_calls[0].function.arguments) == ARGS
+        call = choice.message.tool_calls[0].function
+        assert call.name in names
+        arguments = json.loads(call.arguments)
+        if call.name == "get_time":
+            assert arguments == {}
+        else:
+            assert isinstance(arguments["location"], str) and set(arguments) <= set(WEATHER_TOOL["function"][
+                "parameters"]["properties"])
 
         chunks = list(client.chat.completions.create(model="chatglm3-6b", messages=msgs, tools=tools,
                                                      tool_choice="required", max_tokens=80, temperature=0,
                                                      stream=True))
         calls = [d.tool_calls[0] for c in chunks if c.choices for d in [c.choices[0].delta] if d.tool_calls]
         assert calls[0].function.name == choice.message.tool_calls[0].function.name  # greedy: the same tool
-        assert json.loads("".join(c.function.arguments or "" for c in calls)) == ARGS
+        assert "".join(c.function.arguments or "" for c in calls) == call.arguments

@@ -171,7 +171,7 @@ def test_forced_prefixes_hold_for_greedy_and_sampled_rows_alike(temperature):
         assert reason == "length" and any(generated[: len(p)] == p for p in prefixes), generated
 
 
-def test_chat_template_models_refuse_a_forced_tool_call_they_cannot_return():
+def test_chat_template_models_constrain_a_forced_tool_call_to_json():
     from types import SimpleNamespace
 
     from server.errors import EngineError
@@ -185,12 +185,16 @@ def test_chat_template_models_refuse_a_forced_tool_call_they_cannot_return():
     family = ChatTemplateFamily(tokenizer, [0])
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
     msgs = [{"role": "user", "content": "hi"}]
-    for choice in ("required", {"type": "function", "function": {"name": "f"}}):
-        with pytest.raises(EngineError, match="cannot force a tool call") as err:
-            family.build_prompt(ChatRequest(msgs, SamplingParams(), tools=tools, tool_choice=choice))
-        assert err.value.param == "tool_choice"
-    assert family.build_prompt(ChatRequest(msgs, SamplingParams(), tools=tools, tool_choice="auto")).token_ids
-    assert shown == [tools]
+    for choice in ("required", {"type": "function", "function": {"name": "f"}}):  # constrained to one JSON call
+        prompt = family.build_prompt(ChatRequest(msgs, SamplingParams(), tools=tools, tool_choice=choice))
+        assert prompt.grammar and prompt.token_ids == [1, 2, 3]
+    auto = family.build_prompt(ChatRequest(msgs, SamplingParams(), tools=tools, tool_choice="auto"))
+    assert auto.token_ids and auto.grammar is None
+    assert shown == [tools] * 3
+    plain = ChatTemplateFamily(SimpleNamespace(chat_template="{{ messages }}", eos_token_id=0,
+                                               apply_chat_template=lambda messages, **kw: [1]), [0])
+    with pytest.raises(EngineError, match="cannot express tools"):
+        plain.build_prompt(ChatRequest(msgs, SamplingParams(), tools=tools, tool_choice="auto"))
 
 
 def _tiny_model(kind: str):

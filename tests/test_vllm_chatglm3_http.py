@@ -4,6 +4,7 @@ the tiny fixture: its head size 4 is refused by vLLM's CPU attention)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -18,6 +19,8 @@ ENV = {"DTYPE": "float32", "EMBEDDING_PATH": "none", "WEB_UI": "false", "SERVED_
 TOOLS = [{"type": "function", "function": {"name": name, "description": what, "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}}}}
     for name, what in (("get_weather", "The weather in a city"), ("get_time", "The time in a city"))]
+ANSWER_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["ok", "n"],
+                 "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 9}}}
 CHATS = [
     [{"role": "user", "content": "你好，请介绍一下你自己。"}],
     [{"role": "system", "content": "You are a helpful assistant."},
@@ -46,11 +49,17 @@ def answers(server) -> list:
         assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
         out.append((r.choices[0].message.content, r.choices[0].finish_reason, r.usage.prompt_tokens,
                     r.usage.completion_tokens))
-    # "required" with two tools: the answer's metadata line is constrained to one of the tool names (forced
-    # prefixes: the native scheduler masks logits, the vLLM backend walks the prefix trie with allowed_token_ids).
+    # "required" with two tools: the whole answer is constrained by one grammar (a tool name as the metadata line,
+    # then its tool_call(...)): xgrammar in the native sampler, vLLM's own xgrammar on the vLLM engine.
     r = client.chat.completions.create(model="chatglm3-6b", messages=[{"role": "user", "content": "Weather?"}],
-                                       tools=TOOLS, tool_choice="required", temperature=0, max_tokens=16)
-    out.append((r.choices[0].message.content, r.usage.prompt_tokens, r.usage.completion_tokens))
+                                       tools=TOOLS, tool_choice="required", temperature=0, max_tokens=80)
+    calls = r.choices[0].message.tool_calls or []
+    out.append((r.choices[0].finish_reason, [(c.function.name, c.function.arguments) for c in calls],
+                r.usage.prompt_tokens, r.usage.completion_tokens))
+    r = client.chat.completions.create(model="chatglm3-6b", messages=CHATS[0], temperature=0, max_tokens=120,
+                                       response_format={"type": "json_schema", "json_schema": {
+                                           "name": "answer", "strict": True, "schema": ANSWER_SCHEMA}})
+    out.append((r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens))
     return out
 
 
@@ -62,3 +71,8 @@ def test_native_and_vllm_give_the_same_chatglm3_answers(glm_folder):
         vllm = answers(srv)
     assert vllm == native
     assert all(a[0] for a in native[:2]) and native[0][2] > 0
+    reason, calls, _, _ = native[2]
+    assert reason == "tool_calls" and calls[0][0] in {"get_weather", "get_time"}
+    assert set(json.loads(calls[0][1])) <= {"city"}
+    content, reason, _ = native[3]
+    assert reason == "stop" and set(json.loads(content)) == {"ok", "n"}

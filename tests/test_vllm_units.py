@@ -85,11 +85,14 @@ def test_vllm_argv_translates_settings_and_appends_vllm_args_last(tmp_path):
                         tensor_parallel_size=2, pipeline_parallel_size=2, gpu_memory_utilization=0.8,
                         max_running_requests=32, vllm_args="--enforce-eager --max-model-len 1024 --seed '7'")
     adapters = [VLLMAdapter("law", "/a/law", 4), VLLMAdapter("med", "/a/med dir", 12)]
-    argv = vllm_argv(settings, INSTALL, model_folder="/m", served_name="chatglm3-6b", port=8123, adapters=adapters)
+    argv = vllm_argv(settings, INSTALL, model_folder="/m", served_name="chatglm3-6b", port=8123, adapters=adapters,
+                     tokenizer="/t")
     assert argv[:3] == ["/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
     flags = " ".join(argv)
+    assert "--tokens-only" not in flags  # vLLM's structured outputs need its tokenizer
     for part in ("--model /m", "--served-model-name chatglm3-6b", "--host 127.0.0.1", "--port 8123",
-                 "--tokens-only", "--dtype bfloat16", "--tensor-parallel-size 2", "--pipeline-parallel-size 2",
+                 "--enable-scale-out", "--tokenizer /t", "--dtype bfloat16", "--tensor-parallel-size 2",
+                 "--pipeline-parallel-size 2",
                  "--gpu-memory-utilization 0.8", "--max-num-seqs 32", "--max-model-len 4096", "--enable-lora",
                  "--max-lora-rank 16", "--max-loras 2"):
         assert part in flags, part

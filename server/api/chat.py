@@ -16,7 +16,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from server.api.deps import adapter_for, chat_engine, release, until_disconnected
 from server.api.errors import APIError
-from server.api.protocol import ChatCompletionRequest, ChatMessage
+from server.api.protocol import ChatCompletionRequest, ChatMessage, ResponseFormat
 from server.errors import EngineError
 from server.types import ChatRequest, Finished, SamplingParams, TextDelta, TokenLogprob, ToolCallDelta
 
@@ -60,9 +60,7 @@ def to_engine_requests(body: ChatCompletionRequest, adapter: str, request_id: st
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true.", param="top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    if body.response_format is not None and body.response_format.type not in ("text",):
-        raise APIError(400, f"response_format '{body.response_format.type}' is not supported; only 'text'.",
-                       param="response_format")
+    response_format = structured_format(body.response_format)
     messages = [_message(m, i) for i, m in enumerate(body.messages)]
     tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
     tool_choice: Any = body.tool_choice.model_dump() if hasattr(body.tool_choice, "model_dump") else body.tool_choice
@@ -82,8 +80,22 @@ def to_engine_requests(body: ChatCompletionRequest, adapter: str, request_id: st
     for i in range(n):
         sampling = sampling_for(body, i, max_tokens=max_tokens, temperature=temperature, logprobs=logprobs)
         out.append(ChatRequest(messages, sampling, tools=tools, tool_choice=tool_choice, legacy_functions=legacy,
-                               adapter=adapter, request_id=f"{request_id}/{i}" if n > 1 else request_id))
+                               adapter=adapter, request_id=f"{request_id}/{i}" if n > 1 else request_id,
+                               response_format=response_format))
     return out
+
+
+def structured_format(fmt: ResponseFormat | None) -> dict[str, Any] | None:
+    """response_format -> the spec the families compile (server/structured); "text" is no constraint."""
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return {"type": "json_object"}
+    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+        raise APIError(400, "response_format 'json_schema' needs json_schema.schema, a JSON Schema object.",
+                       param="response_format")
+    return {"type": "json_schema", "schema": fmt.json_schema.schema_, "strict": bool(fmt.json_schema.strict),
+            "where": "response_format.json_schema.schema"}
 
 
 def sampling_for(body, choice: int, *, max_tokens: int | None, temperature: float,

@@ -53,6 +53,7 @@ class FunctionDef(_Lenient):
     name: str = Field(min_length=1, max_length=64)
     description: str | None = None
     parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # the arguments are constrained to `parameters` (structured outputs)
 
 
 class Tool(_Lenient):
@@ -83,8 +84,19 @@ class StreamOptions(_Lenient):
     include_usage: bool | None = None
 
 
+class JsonSchemaFormat(_Lenient):
+    """`response_format.json_schema`; the schema itself is checked by server/structured (a 400 naming its path)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Lenient):
-    type: str = "text"
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
 
 
 def _stop_list(v):
@@ -257,7 +269,14 @@ class ResponsesToolChoice(_Lenient):
 
 
 class TextFormat(_Lenient):
+    """`text.format`: text, or json_object / json_schema with the schema's fields beside `type`."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
     type: str = "text"
+    name: str | None = Field(None, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
 
 
 class TextConfig(_Lenient):

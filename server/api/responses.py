@@ -108,9 +108,20 @@ def _echo(body: ResponsesRequest, model: str) -> dict[str, Any]:
         "top_p": 1.0 if body.top_p is None else body.top_p,
         "tool_choice": tool_choice if isinstance(tool_choice, str) else tool_choice.model_dump(exclude_none=True),
         "tools": [t.model_dump(exclude_none=True) for t in body.tools or []],
-        "text": {"format": {"type": "text"}}, "truncation": "disabled", "background": False,
+        "text": {"format": _format(body)},
+        "truncation": "disabled", "background": False,
         "service_tier": "default", "user": body.user,
     }
+
+
+def _format(body: ResponsesRequest) -> dict[str, Any]:
+    fmt = body.text.format if body.text else None
+    if fmt is None:
+        return {"type": "text"}
+    out = fmt.model_dump(by_alias=True, exclude_none=True)
+    if fmt.type == "json_schema":
+        out.setdefault("name", "response")  # required in a Response's echo; a request may leave it out
+    return out
 
 
 class _Keeper:

@@ -46,11 +46,21 @@ def check_supported(body: ResponsesRequest) -> None:
         # Other `include` values ask for extras of items this server never produces: nothing to add.
         raise APIError(400, "`include`: logprobs are not supported.", param="include")
     kind = body.text.format.type if body.text and body.text.format else "text"
-    if kind in ("json_schema", "json_object"):
-        raise APIError(400, f"text.format '{kind}' is not supported yet: it needs constrained decoding "
-                       "(structured outputs), which this server does not have yet. Use 'text'.", param="text.format")
-    if kind != "text":
-        raise APIError(400, f"text.format '{kind}' is not supported; only 'text'.", param="text.format")
+    if kind not in ("text", "json_schema", "json_object"):
+        raise APIError(400, f"text.format '{kind}' is not supported; use 'text', 'json_object' or 'json_schema'.",
+                       param="text.format")
+
+
+def text_format(body: ResponsesRequest) -> dict[str, Any] | None:
+    """`text.format` -> the structured-output spec chat's response_format becomes (server/structured)."""
+    fmt = body.text.format if body.text else None
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return {"type": "json_object"}
+    if fmt.schema_ is None:
+        raise APIError(400, "text.format 'json_schema' needs `schema`, a JSON Schema object.", param="text.format")
+    return {"type": "json_schema", "schema": fmt.schema_, "strict": bool(fmt.strict), "where": "text.format.schema"}
 
 
 def to_chat_request(body: ResponsesRequest, messages: list[dict[str, Any]], adapter: str,
@@ -65,7 +75,7 @@ def to_chat_request(body: ResponsesRequest, messages: list[dict[str, Any]], adap
                               temperature=1.0 if body.temperature is None else body.temperature,
                               top_p=1.0 if body.top_p is None else body.top_p)
     return ChatRequest(system + messages, sampling, tools=tools, tool_choice=tool_choice, adapter=adapter,
-                       request_id=request_id)
+                       request_id=request_id, response_format=text_format(body))
 
 
 def chat_tools(body: ResponsesRequest) -> tuple[list[dict[str, Any]] | None, Any]:

@@ -26,6 +26,8 @@ class GenerateRequest:
     adapter: str | None = None  # served model id of a LoRA adapter (a key of adapter_names()), None: the base
     # The answer must begin with one of these id sequences (a forced tool call's metadata line); empty: free.
     forced_prefixes: list[list[int]] = field(default_factory=list)
+    # The whole answer must match this grammar (EBNF from server/structured, already checked); None: free.
+    grammar: str | None = None
 
 
 @dataclass
@@ -80,6 +82,10 @@ class Backend(Protocol):
 
     def generate(self, request: GenerateRequest) -> TokenStream:
         """Queue the sequence now, so a full server is an EngineOverloaded (429) before any byte streams."""
+
+    def prepare_grammar(self, grammar: str) -> None:
+        """Get a grammar ready before the request is queued (blocking: called in the request's worker thread);
+        raise EngineError if this engine cannot use it."""
 
     def adapter_names(self) -> dict[str, str]:
         """Served model id -> the backend's own name for each LoRA adapter it has loaded."""

@@ -42,6 +42,9 @@ class Prompt:
     # The answer must begin with one of these id sequences (e.g. the metadata line of one of the tools, for
     # tool_choice "required"); empty: no constraint.
     forced_prefixes: list[list[int]] = field(default_factory=list)
+    # The whole answer must match this grammar (EBNF text from server/structured: a response_format or a forced
+    # tool call); None: free.
+    grammar: str | None = None
 
 
 class TokenizerLike(Protocol):

@@ -35,21 +35,20 @@ class ChatTemplateFamily:
         self._byte_decoder: dict[str, int] | None = None  # built on the first logprobs request
 
     def build_prompt(self, request: ChatRequest) -> Prompt:
+        from server.structured.formats import JsonCallParser, forced_tools, json_call_grammar, response_grammar
+
         tools = request.tools if request.tool_choice != "none" else None
+        # tool_choice "required" or a named function: the whole answer is constrained to one call in JSON (as vLLM
+        # does it) and read back as tool_calls; the template shows the tools where it can. "auto" stays text.
+        forced = forced_tools(tools, request.tool_choice)
         if tools and not self.supports_tools:
-            raise EngineError(
-                "This model's chat template cannot express tools. Remove `tools` (or set tool_choice to 'none'), "
-                "or serve a model with tool support such as ChatGLM3.",
-                param="tools",
-            )
-        if tools and (request.tool_choice == "required" or isinstance(request.tool_choice, dict)):
-            # The template shows the tools, but this family reads answers as text: a call cannot be forced or
-            # returned as tool_calls, and silently answering in text would break the client's contract.
-            raise EngineError(
-                "This model's answers are returned as text, so tool_choice cannot force a tool call. Use "
-                "tool_choice 'auto' (the tools are shown in the prompt) or serve ChatGLM3 for real tool calls.",
-                param="tool_choice",
-            )
+            if not forced:
+                raise EngineError(
+                    "This model's chat template cannot express tools. Remove `tools` (or set tool_choice to "
+                    "'none'), force a call with tool_choice, or serve a model with tool support such as ChatGLM3.",
+                    param="tools",
+                )
+            tools = None
         messages = [self._message(m) for m in request.messages]
         try:
             ids = self.tokenizer.apply_chat_template(
@@ -59,7 +58,10 @@ class ChatTemplateFamily:
             raise EngineError(f"The model's chat template rejected these messages: {exc}", param="messages") from exc
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
-        return Prompt(list(ids), PlainTextParser())
+        if forced:
+            named = forced[0][1]["name"] if len(forced) == 1 else None
+            return Prompt(list(ids), JsonCallParser(named), grammar=json_call_grammar(forced, named=bool(named)))
+        return Prompt(list(ids), PlainTextParser(), grammar=response_grammar(request.response_format))
 
     @staticmethod
     def _message(m: dict) -> dict:

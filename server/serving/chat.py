@@ -90,6 +90,8 @@ class ChatService:
         """Render and count the prompt; raise PromptTooLong / EngineError before anything streams."""
         prompt = self.family.build_prompt(request)
         max_tokens = self._room(len(prompt.token_ids), request.sampling.max_tokens)
+        if prompt.grammar is not None:  # compiled before anything is queued or streamed
+            self.backend.prepare_grammar(prompt.grammar)
         return PreparedChat(request, prompt, max_tokens)
 
     def prepare_raw(self, request: CompletionRequest) -> PreparedChat:
@@ -130,6 +132,7 @@ class ChatService:
             stop_token_ids=self.family.eos_token_ids | prompt.stop_token_ids,
             adapter=req.adapter or None,
             forced_prefixes=prompt.forced_prefixes,
+            grammar=prompt.grammar,
         ))
         return ChatStream(self, tokens, prepared)
 

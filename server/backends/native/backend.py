@@ -9,6 +9,7 @@ from server.backends.base import Capacity, GenerateRequest, TokenChunk
 from server.backends.native.loader import LoadedModel
 from server.backends.native.scheduler import Scheduler, Sequence, StepOutput
 from server.errors import EngineError, EngineFailure
+from server.structured.matcher import Grammars
 
 
 class NativeBackend:
@@ -37,6 +38,7 @@ class NativeBackend:
             max_waiting=max_waiting,
             max_prefill_tokens=max_prefill_tokens,
         )
+        self.grammars = Grammars(loaded.family, loaded.vocab_size, loaded.family.eos_token_ids)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -64,9 +66,14 @@ class NativeBackend:
             adapter=self._adapters.get(request.adapter) if request.adapter else None,
             request_id=request.request_id,
             forced_prefixes=[list(p) for p in request.forced_prefixes],
+            # compiled in prepare_grammar already: this is a cache lookup
+            grammar=self.grammars.matcher(request.grammar, request.stop_token_ids) if request.grammar else None,
         )
         self.scheduler.submit(seq)  # raises EngineOverloaded
         return NativeStream(self.scheduler, seq, queue)
+
+    def prepare_grammar(self, grammar: str) -> None:
+        self.grammars.compile(grammar)
 
     def adapter_names(self) -> dict[str, str]:
         return dict(self._adapters)

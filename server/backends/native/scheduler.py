@@ -24,6 +24,7 @@ from server.backends.base import StepLogprobs
 from server.backends.native.kv_cache import BatchKV
 from server.backends.native.sampling import NonFiniteLogits, Sampler
 from server.errors import EngineOverloaded
+from server.structured.matcher import SequenceMatcher, apply_masks
 from server.types import SamplingParams
 
 log = logging.getLogger("glm_serve.scheduler")
@@ -47,6 +48,7 @@ class Sequence:
     adapter: str | None = None  # peft adapter name
     request_id: str = ""
     forced_prefixes: list[list[int]] = field(default_factory=list)  # the answer starts with one of these
+    grammar: SequenceMatcher | None = None  # structured outputs: the answer follows this grammar
     generated: list[int] = field(default_factory=list)
     cancelled: bool = False
     finished: bool = False
@@ -269,6 +271,7 @@ class Scheduler:
                 row = torch.full_like(logits[i], float("-inf"))
                 row[keep] = logits[i, keep]
                 logits[i] = row
+        apply_masks(logits, [(i, s.grammar) for i, s in enumerate(seqs) if s.grammar is not None], self.vocab_size)
         broken = torch.isnan(logits[:, : self.vocab_size]).any(dim=-1).tolist()
         tokens: list[int | Exception] = [0] * len(seqs)
         plain = [i for i, s in enumerate(seqs) if s.sampler.is_plain_greedy and not broken[i]]
@@ -319,6 +322,9 @@ class Scheduler:
             return StepOutput([], "error", error=str(token))
         if seq.first_token_at is None:
             seq.first_token_at = time.monotonic()
+        if seq.grammar is not None and not seq.grammar.accept(token):  # the mask allowed only what it accepts
+            seq.finished = True
+            return StepOutput([], "error", error=f"token {token} does not continue the response_format grammar")
         seq.generated.append(token)
         seq.sampler.observe(token)
         finish = None

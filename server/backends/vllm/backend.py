@@ -88,9 +88,10 @@ class VLLMBackend:
             raise ConfigError(f"{self._where()} has no LoRA adapter named {', '.join(missing)} (it has: "
                               f"{', '.join(info.lora) or 'none'}). Start vLLM with --enable-lora --lora-modules "
                               "NAME=PATH for each adapter in LORA_MODULES.")
-        if info.tokenizer_loaded:
-            log.warning("%s loads a tokenizer (not --tokens-only): it works, but vLLM detokenizes every token for "
-                        "nothing; restart it with --tokens-only.", self._where())
+        if not info.tokenizer_loaded:
+            log.info("%s runs --tokens-only (no tokenizer): structured outputs (response_format, forced tool calls) "
+                     "will be refused; start it with --enable-scale-out instead, and --tokenizer for ChatGLM3.",
+                     self._where())
         self._started = True
 
     async def stop(self) -> None:
@@ -119,6 +120,14 @@ class VLLMBackend:
         stream = VLLMStream(self, request, f"{request.request_id or 'seq'}-{self._tag}{next(self._ids)}", model)
         self._streams.add(stream)
         return stream
+
+    def prepare_grammar(self, grammar: str) -> None:
+        # vLLM compiles it (asynchronously, with its own cache); glm-serve has checked the schema already.
+        if self.info is not None and not self.info.tokenizer_loaded:
+            raise EngineError(f"Structured outputs are not available: {self._where()} runs --tokens-only, which "
+                              "loads no tokenizer, and vLLM builds its grammar vocabulary from one. Restart it with "
+                              "--enable-scale-out (and --tokenizer for ChatGLM3, see the README).",
+                              param="response_format")
 
     def adapter_names(self) -> dict[str, str]:
         return dict(self._adapters)

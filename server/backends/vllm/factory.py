@@ -10,12 +10,14 @@ from server.backends.vllm.adapters import max_lora_rank, prepare_adapters
 from server.backends.vllm.backend import VLLMBackend
 from server.backends.vllm.remote import Remote
 from server.backends.vllm.supervisor import Supervisor
+from server.backends.vllm.tokenizer_folder import tokenizer_folder
 from server.config import Settings, derive_model_name
 from server.errors import ConfigError
 from server.model_files import context_length
 
 
-def build_vllm_backend(settings: Settings, *, model_folder: str, adapters: dict[str, str]) -> VLLMBackend:
+def build_vllm_backend(settings: Settings, *, model_folder: str, adapters: dict[str, str],
+                       family=None) -> VLLMBackend:
     """`model_folder`: what vLLM loads (a GGUF already converted to a folder, or a hub id); `adapters`: served
     model id -> adapter folder (LORA_MODULES)."""
     if settings.vllm_url and settings.vllm_python:
@@ -37,7 +39,9 @@ def build_vllm_backend(settings: Settings, *, model_folder: str, adapters: dict[
         raise ConfigError("The vLLM engine needs VLLM_URL or VLLM_PYTHON.")
     prepared = prepare_adapters(adapters, model_folder=model_folder, cache_dir=settings.cache_dir)
     served = settings.served_model_name or derive_model_name(settings.model_path)
-    supervisor = Supervisor(settings, model_folder=model_folder, served_name=served, adapters=prepared)
+    tokenizer = tokenizer_folder(family, settings.cache_dir) if family is not None else None
+    supervisor = Supervisor(settings, model_folder=model_folder, served_name=served, adapters=prepared,
+                            tokenizer=tokenizer)
     placement = (f"dtype {settings.dtype}   tensor parallel {settings.tensor_parallel_size} x pipeline parallel "
                  f"{settings.pipeline_parallel_size}   GPU memory {settings.gpu_memory_utilization:.0%}"
                  + (f"   quantization {settings.quantization}" if settings.quantization != "none" else "")

@@ -82,12 +82,18 @@ def vllm_argv(
     served_name: str,
     port: int,
     adapters: list[VLLMAdapter],
+    tokenizer: str | None = None,
 ) -> list[str]:
+    """`tokenizer`: a folder with the model's vocabulary for vLLM's structured outputs (tokenizer_folder.py); None:
+    the model folder's own tokenizer."""
     argv = [install.python, "-m", VLLM_MODULE,
             "--model", model_folder,
             "--served-model-name", served_name,
             "--host", "127.0.0.1", "--port", str(port),
-            "--tokens-only",  # no tokenizer in vLLM: we send and receive token ids
+            # We send and receive token ids (the token-in/token-out API, as --tokens-only serves it), but vLLM loads
+            # the tokenizer: its structured outputs build their vocabulary from it (and refuse to run without one).
+            "--enable-scale-out",
+            "--structured-outputs-config", '{"backend": "xgrammar"}',  # the grammars glm-serve writes are xgrammar's
             "--dtype", settings.dtype,
             "--tensor-parallel-size", str(settings.tensor_parallel_size),
             "--pipeline-parallel-size", str(settings.pipeline_parallel_size),
@@ -96,6 +102,8 @@ def vllm_argv(
             "--max-num-seqs", str(settings.max_running_requests),
             # top_logprobs goes up to 20 and we ask for one more (see wire.sampling_params)
             "--max-logprobs", str(MAX_TOP_LOGPROBS + 1)]  # fmt: skip
+    if tokenizer:
+        argv += ["--tokenizer", tokenizer]
     if settings.max_model_len:
         argv += ["--max-model-len", str(settings.max_model_len)]
     argv += quantization_args(settings, install)

@@ -131,6 +131,8 @@ class VLLMStream:
     async def _generate(self) -> None:
         req = self._request
         out: list[int] = []
+        if req.forced_prefixes and req.grammar is not None:  # the grammar would have to start after the prefix
+            raise EngineError("A grammar and forced prefixes together are not supported on vLLM.")
         if req.forced_prefixes:
             pending: list[int] = []
             while allowed := allowed_next(req.forced_prefixes, out):
@@ -180,7 +182,8 @@ class VLLMStream:
     async def _stream(self, token_ids: list[int], max_tokens: int) -> None:
         req = self._request
         self._current = self._id
-        params = sampling_params(req.sampling, max_tokens=max_tokens, stop_token_ids=req.stop_token_ids)
+        params = sampling_params(req.sampling, max_tokens=max_tokens, stop_token_ids=req.stop_token_ids,
+                                 grammar=req.grammar)
         body = generate_body(self._id, token_ids, params, model=self._model, stream=True)
         async with self._owner.client.stream("POST", self._owner.url(GENERATE_PATH), content=body,
                                              headers=_JSON) as response:

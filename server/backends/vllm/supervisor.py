@@ -30,13 +30,14 @@ class Supervisor(ChildSupervisor):
     timeout_setting = "VLLM_STARTUP_TIMEOUT"
 
     def __init__(self, settings: Settings, *, model_folder: str, served_name: str, adapters: list[VLLMAdapter],
-                 max_restarts: int = MAX_RESTARTS):
+                 max_restarts: int = MAX_RESTARTS, tokenizer: str | None = None):
         super().__init__(port=settings.vllm_port, startup_timeout=settings.vllm_startup_timeout, log=log,
                          child_log=child_log, max_restarts=max_restarts)
         self.settings = settings
         self.model_folder = model_folder
         self.served_name = served_name
         self.adapters = adapters
+        self.tokenizer = tokenizer  # vLLM's --tokenizer (structured outputs); None: the model folder's
         self.install: VLLMInstall | None = None
 
     async def prepare(self) -> None:
@@ -47,7 +48,7 @@ class Supervisor(ChildSupervisor):
 
     def argv(self, port: int) -> list[str]:
         return vllm_argv(self.settings, self.install, model_folder=self.model_folder, served_name=self.served_name,
-                         port=port, adapters=self.adapters)
+                         port=port, adapters=self.adapters, tokenizer=self.tokenizer)
 
     def line_level(self, line: str) -> int:
         if "Route:" in line or _EXIT_NOISE.search(line):

@@ -48,6 +48,7 @@ def sampling_params(
     max_tokens: int,
     stop_token_ids: set[int],
     allowed_token_ids: list[int] | None = None,
+    grammar: str | None = None,
 ) -> dict[str, Any]:
     params: dict[str, Any] = {
         "max_tokens": max_tokens,
@@ -66,6 +67,8 @@ def sampling_params(
         params["seed"] = sampling.seed
     if allowed_token_ids is not None:
         params["allowed_token_ids"] = allowed_token_ids
+    if grammar is not None:  # EBNF from server/structured; vLLM's xgrammar backend compiles it for its vocabulary
+        params["structured_outputs"] = {"grammar": grammar}
     if sampling.logit_bias:
         params["logit_bias"] = {str(k): v for k, v in sampling.logit_bias.items()}
     if sampling.logprobs is not None:

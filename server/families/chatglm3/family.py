@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from server.families.base import Prompt
-from server.families.chatglm3.prompt import build_messages, from_openai
+from server.families.chatglm3.prompt import ChatGLM3Conversation, build_messages, from_openai
 from server.families.chatglm3.tokenizer import ChatGLM3Tokenizer
 from server.families.chatglm3.tools import ASSISTANT_SEPARATOR, ChatGLM3OutputParser
 from server.types import ChatRequest
@@ -30,9 +30,10 @@ class ChatGLM3Family:
         parser = ChatGLM3OutputParser(conversation.tool_names, forced_tool=conversation.forced_tool)
         # "required": the metadata line the model writes must be one of the tools' names, tokenized as in the
         # prompts it was trained on (build_single_message); the model still picks which tool.
+        grammar = _grammar(request, conversation)
         prefixes = [self.tokenizer.sp_encode(f"{name}\n") for name in conversation.tool_names] \
-            if conversation.must_call else []
-        return Prompt(token_ids=ids, parser=parser, forced_prefixes=prefixes)
+            if conversation.must_call and grammar is None else []
+        return Prompt(token_ids=ids, parser=parser, forced_prefixes=prefixes, grammar=grammar)
 
     def encode_raw(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)  # [gMASK, sop] + sentencepiece, as THUDM's tokenizer.encode
@@ -49,3 +50,17 @@ class ChatGLM3Family:
         them, so users never see either.
         """
         return self.tokenizer.decode_text(token_ids, self._render)
+
+
+def _grammar(request: ChatRequest, conversation: ChatGLM3Conversation) -> str | None:
+    """A forced call is constrained to its tool's schema (the grammar then spells the metadata line too, so no
+    forced prefix is needed); otherwise the answer follows response_format, after the empty metadata line."""
+    from server.families.chatglm3.grammar import PLAIN_ANSWER, call_grammar, metadata_and_call
+    from server.structured.formats import forced_tools, response_grammar
+
+    forced = forced_tools(request.tools, request.tool_choice)
+    if forced:
+        if conversation.forced_tool is not None:  # the prompt already ends with its metadata line
+            return next(call_grammar(f, i) for i, f in forced if f["name"] == conversation.forced_tool)
+        return metadata_and_call(forced)
+    return response_grammar(request.response_format, prefix=PLAIN_ANSWER)

@@ -162,6 +162,10 @@ class ChatGLM3Tokenizer:
             return self._piece_bytes[index]
         return self._id_to_piece(index).encode()
 
+    def vocab_bytes(self) -> list[bytes]:
+        """The bytes each id adds to `decode_text` (specials: none), for the structured-output grammar matcher."""
+        return self._piece_bytes + [b""] * len(SPECIAL_TOKENS)
+
     def _bytes_of(self, index: int) -> bytes:
         if index in self._blank_ids or self.sp.is_control(index) or self.sp.is_unknown(index):
             return b""
