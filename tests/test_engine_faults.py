@@ -23,6 +23,7 @@ from tests.conftest import DEFAULT_ENV, vllm_env
 from tests.support import ARTIFACTS, running_server
 
 KILL_AT, REQUESTS, AFTER = 80, 240, 80
+CONCURRENCY = 16  # enough that several engine requests are in flight at the kill beside slow embeddings
 ENGINE_KINDS = {"chat", "stream", "drop"}  # the kinds that reach the engine (embeddings are in-process)
 
 
@@ -42,15 +43,16 @@ def test_vllm_killed_during_a_soak_fails_fast_then_recovers():
     with running_server(env, name="vllm-kill-soak", timeout=900) as srv:
         child = vllm_child(srv.proc.pid)
         # timeout 120 s: embeddings run in-process and share the 2 cores with vLLM's restart
-        cfg = SoakConfig(url=srv.url, requests=REQUESTS, concurrency=12, timeout=120, warmup=24, warmup_rounds=1,
-                         hooks={KILL_AT: lambda: os.kill(child, signal.SIGKILL)}, engine_down_ok=True)
+        cfg = SoakConfig(url=srv.url, requests=REQUESTS, concurrency=CONCURRENCY, timeout=120, warmup=24,
+                         warmup_rounds=1, hooks={KILL_AT: lambda: os.kill(child, signal.SIGKILL)},
+                         engine_down_ok=True)
         report = asyncio.run(run_soak(cfg))
         health = httpx.get(srv.url + "/health", timeout=10)
         down_at = time.monotonic()
         while time.monotonic() - down_at < 600 and httpx.get(srv.url + "/health", timeout=10).status_code != 200:
             time.sleep(1)
         back_after = time.monotonic() - down_at
-        again = asyncio.run(run_soak(SoakConfig(url=srv.url, requests=AFTER, concurrency=12, timeout=120,
+        again = asyncio.run(run_soak(SoakConfig(url=srv.url, requests=AFTER, concurrency=CONCURRENCY, timeout=120,
                                                 warmup=0, warmup_rounds=0)))
         log = srv.log_tail(60)
     summary, after = report.summary(), again.summary()
