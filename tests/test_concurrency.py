@@ -11,7 +11,7 @@ import re
 import httpx
 import pytest
 
-from tests.conftest import ENGINES, vllm_env
+from tests.conftest import ENGINES, engine_env
 from tests.support import running_server
 
 LONG = [{"role": "user", "content": "Write a very long story about a dragon who learns to cook."}]
@@ -28,8 +28,8 @@ def small_server(request):
     """The smallest capacity (2 running, 2 waiting) on each engine: backpressure and cancellation live above the
     seam, so they must hold on vLLM too (vLLM's own running count is checked in tests/test_vllm_backend.py)."""
     env = {"DTYPE": "float32", "MAX_RUNNING_REQUESTS": "2", "MAX_WAITING_REQUESTS": "2", "WEB_UI": "false"}
-    if request.param == "vllm":
-        env = {**env, **vllm_env(), "EMBEDDING_PATH": "none"}
+    if request.param != "native":
+        env = {**env, **engine_env(request.param), "EMBEDDING_PATH": "none"}
     with running_server(env, name=f"limits-{request.param}", timeout=900) as srv:
         srv.engine = request.param
         yield srv
@@ -95,7 +95,7 @@ def test_many_aborted_streams_leave_no_slot_or_cache_behind(small_server):
         asyncio.run(asyncio.sleep(0.1))
     assert metric(small_server.url, "glm_serve_running_requests") == 0
     assert metric(small_server.url, "glm_serve_waiting_requests") == 0
-    if small_server.engine == "native":  # vLLM keeps its preallocated pool; its count is 0 above
+    if small_server.engine == "native":  # vLLM and llama.cpp keep their preallocated pools; their counts are 0 above
         assert metric(small_server.url, "glm_serve_kv_cache_bytes") == 0
     assert metric(small_server.url, 'glm_serve_finished_sequences_total{reason="abort"}') >= 110
     r = httpx.post(url, json={"messages": LONG, "max_tokens": 4}, timeout=120)

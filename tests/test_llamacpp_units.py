@@ -79,12 +79,12 @@ def test_tiny_fixture_is_refused_with_the_reason(tmp_path, chatglm3_fixtures):
 def test_completion_body_sets_every_sampler():
     body = orjson.loads(completion_body([1, 2, 3], SamplingParams(temperature=0.7, top_p=0.9, top_k=0, seed=5,
                                                                   repetition_penalty=1.2, frequency_penalty=0.5),
-                                        n_predict=7, stream=True))
+                                        n_predict=7, stream=True, context=512))
     assert body["prompt"] == [1, 2, 3] and body["n_predict"] == 7 and body["stream"] is True
-    assert body["min_p"] == 0.0 and body["top_k"] == 0 and body["repeat_last_n"] == -1  # not llama.cpp's defaults
+    assert body["min_p"] == 0.0 and body["top_k"] == 0 and body["repeat_last_n"] == 512  # not llama.cpp's defaults
     assert body["samplers"] == ["penalties", "temperature", "top_k", "top_p"] and body["seed"] == 5
     assert body["repeat_penalty"] == 1.2 and body["frequency_penalty"] == 0.5 and "ignore_eos" not in body
-    forced = orjson.loads(completion_body([1], SamplingParams(temperature=0), n_predict=1, stream=False,
+    forced = orjson.loads(completion_body([1], SamplingParams(temperature=0), n_predict=1, stream=False, context=8,
                                           allowed=[4, 9]))
     assert forced["logit_bias"] == [[4, 1000.0], [9, 1000.0]] and "seed" not in forced
 

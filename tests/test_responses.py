@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import ENGINES, vllm_env
+from tests.conftest import ENGINES, engine_env
 from tests.sse import responses_stream_events as sse_events
 from tests.support import REPO, running_server
 from tests.test_concurrency import metric
@@ -26,8 +26,7 @@ def srv(request, tmp_path_factory):
     """The embedded SmolLM2 on each engine: the Responses API lives above the engine seam."""
     store = tmp_path_factory.mktemp("responses") / "responses.sqlite3"
     env = {"DTYPE": "float32", "EMBEDDING_PATH": "none", "WEB_UI": "false", "RESPONSES_STORE": str(store)}
-    if request.param == "vllm":
-        env = {**env, **vllm_env()}
+    env = {**env, **engine_env(request.param)}
     with running_server(env, name=f"responses-{request.param}", timeout=900) as server:
         yield server
 

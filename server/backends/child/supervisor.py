@@ -99,6 +99,10 @@ class ChildSupervisor:
     def version(self) -> str:
         return ""
 
+    def shown(self, argv: list[str]) -> list[str]:
+        """The command line as logged (a subclass hides secrets)."""
+        return argv
+
     # -- lifecycle ---------------------------------------------------------------------------------
     def down_reason(self) -> str | None:
         return self._reason
@@ -128,7 +132,7 @@ class ChildSupervisor:
         port = self.port_setting or free_port()
         argv = self.argv(port)
         version = self.version()
-        self.log.info("Starting %s%s: %s", self.label, f" {version}" if version else "", shlex.join(argv))
+        self.log.info("Starting %s%s: %s", self.label, f" {version}" if version else "", shlex.join(self.shown(argv)))
         self._tail.clear()
         self._proc = proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,

@@ -56,7 +56,8 @@ class LlamaCppBackend:
         slots = self.max_running + self.max_waiting
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(connect=10.0, read=self.read_timeout, write=30.0, pool=30.0),
-            limits=httpx.Limits(max_connections=slots + 16, max_keepalive_connections=self.max_running + 8))
+            limits=httpx.Limits(max_connections=slots + 16, max_keepalive_connections=self.max_running + 8),
+            headers={"Authorization": f"Bearer {self.upstream.api_key}"})
         self.upstream.on_down = self._fail_all
         try:
             self.vocab = await asyncio.to_thread(gguf_vocab, self.gguf)
@@ -111,7 +112,7 @@ class LlamaCppBackend:
         up, s = self.upstream, self._summary
         ready = f", ready in {up.ready_seconds:.1f} s" if up.ready_seconds else ""
         install = up.install
-        build = f"llama.cpp {install.version} from {install.source}" if install else "llama.cpp"
+        build = f"llama.cpp build {install.version} from {install.source}" if install else "llama.cpp"
         return [f"engine       {build} (llama-server /completion on token ids), {up.describe()}{ready}",
                 f"model        {self.gguf}   context {self.context_length} tokens" + (
                     f"   ({s['why_gguf']})" if s.get("why_gguf") else ""),

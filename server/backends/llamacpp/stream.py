@@ -28,7 +28,8 @@ class LlamaStream(EngineStream):
     async def _pick(self, token_ids: list[int], allowed: list[int]) -> int:
         """One token out of `allowed`, sampled by llama.cpp with the request's own settings (a large logit bias on
         the allowed ids keeps their relative scores and puts every other id out of reach)."""
-        body = completion_body(token_ids, self._request.sampling, n_predict=1, stream=False, allowed=allowed)
+        body = completion_body(token_ids, self._request.sampling, n_predict=1, stream=False,
+                               context=self._owner.context_length, allowed=allowed)
         response = await self._owner.client.post(self._owner.url(COMPLETION_PATH), content=body, headers=_JSON)
         if response.status_code != 200:
             raise self._owner.http_error(response.status_code, response.content)
@@ -41,7 +42,8 @@ class LlamaStream(EngineStream):
         req, owner = self._request, self._owner
         stops = req.stop_token_ids
         margin = max(0, min(HOLD_MARGIN, owner.context_length - len(token_ids) - max_tokens))
-        body = completion_body(token_ids, req.sampling, n_predict=max_tokens + margin, stream=True)
+        body = completion_body(token_ids, req.sampling, n_predict=max_tokens + margin, stream=True,
+                               context=owner.context_length)
         sent = 0  # ids passed on (held-back ones included once recovered)
         async with owner.client.stream("POST", owner.url(COMPLETION_PATH), content=body, headers=_JSON) as response:
             if response.status_code != 200:

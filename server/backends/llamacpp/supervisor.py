@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import secrets
 
 from server.backends.child.supervisor import MAX_RESTARTS, ChildSupervisor
 from server.backends.llamacpp.launch import LlamaInstall, llama_argv, probe_install
@@ -38,6 +39,7 @@ class LlamaSupervisor(ChildSupervisor):
         self.served_name = served_name
         self.context = context
         self.install: LlamaInstall | None = None
+        self.api_key = secrets.token_urlsafe(24)
 
     async def prepare(self) -> None:
         self.install = await asyncio.to_thread(probe_install, self.settings)
@@ -47,11 +49,16 @@ class LlamaSupervisor(ChildSupervisor):
 
     def argv(self, port: int) -> list[str]:
         return llama_argv(self.settings, self.install, gguf=self.gguf, served_name=self.served_name, port=port,
-                          context=self.context)
+                          context=self.context, api_key=self.api_key)
+
+    def shown(self, argv: list[str]) -> list[str]:
+        return ["***" if a == self.api_key else a for a in argv]
 
     def line_level(self, line: str) -> int:
         m = _PREFIX.match(line)
         if not m:
             return logging.INFO
         level = _LEVELS[m[1]]
+        if level == logging.WARNING and "cancel task" in m[2]:
+            return logging.DEBUG  # a stream we closed (a stop id, max_tokens, a client gone): our normal abort
         return logging.DEBUG if level == logging.INFO and _CHATTER.search(m[2]) else level

@@ -6,7 +6,7 @@ and a running server:
 - Every sampler is set explicitly: llama-server's defaults (top_k 40, min_p 0.05, repeat_penalty 1.1 over the
   last 64 tokens) would not be ours. `samplers` is the chain, in transformers' order: penalties, temperature,
   top-k, top-p (llama.cpp's default puts temperature last; a sampler not listed is not applied). Its penalties
-  run over the whole context (`repeat_last_n: -1`) and count the prompt's tokens too, for presence/frequency as
+  run over the whole context (`repeat_last_n`) and count the prompt's tokens too, for presence/frequency as
   for repetition (OpenAI and vLLM count only the answer's for the first two). temperature 0 keeps only the top
   logit: greedy.
 - Streamed: `data: {"content", "tokens": [id], "stop": false, "tokens_predicted": n, ...}` per token, then one
@@ -37,21 +37,21 @@ HOLD_MARGIN = 3  # a UTF-8 character is at most 4 bytes: at most 3 more tokens r
 FORCE_BIAS = 1000.0  # added to the allowed ids at a forced-prefix branch: every other id is out of reach
 
 
-def completion_body(prompt: list[int], sampling: SamplingParams, *, n_predict: int, stream: bool,
+def completion_body(prompt: list[int], sampling: SamplingParams, *, n_predict: int, stream: bool, context: int,
                     allowed: list[int] | None = None) -> bytes:
     body: dict[str, Any] = {
         "prompt": prompt,
         "n_predict": n_predict,
         "stream": stream,
         "return_tokens": True,
-        "cache_prompt": True,
+        "cache_prompt": False,  # reused KV changes the last prompt logits a little: seeded answers would drift
         "temperature": max(sampling.temperature, 0.0),
         "top_k": sampling.top_k,  # 0 = off in both
         "top_p": sampling.top_p,
         "min_p": 0.0,
         "typical_p": 1.0,
         "repeat_penalty": sampling.repetition_penalty,
-        "repeat_last_n": -1,
+        "repeat_last_n": context,  # the whole context (it refuses -1; its penalty window is allocated this long)
         "presence_penalty": sampling.presence_penalty,
         "frequency_penalty": sampling.frequency_penalty,
         "dry_multiplier": 0.0,
