@@ -182,6 +182,10 @@ def _prompts(v):
                 raise ValueError(f"at most {MAX_PROMPTS} prompts")
         elif isinstance(v[0], str) and len(v) > MAX_PROMPTS:
             raise ValueError(f"at most {MAX_PROMPTS} prompts")
+        ids = [t for p in v for t in p] if isinstance(v[0], list) else v if isinstance(v[0], int) else []
+        # The vocabulary bound is the backend's to check; this one keeps out what no tokenizer or tensor can hold.
+        if any(t < 0 or t >= 2**31 for t in ids):
+            raise ValueError("token ids must be between 0 and the vocabulary size")
     return v
 
 

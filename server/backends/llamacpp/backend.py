@@ -164,9 +164,9 @@ class LlamaCppBackend:
             raise EngineError("logprobs are not available on ENGINE=llamacpp yet; use ENGINE=native or vllm.",
                               param="logprobs")
         limit = len(self.vocab.pieces) if self.vocab else None
-        ids = [*request.prompt_ids, *(t for p in request.forced_prefixes for t in p),
-               *(int(t) for t in (getattr(sampling, "logit_bias", None) or {}))]
-        bad = [t for t in ids if t < 0 or (limit is not None and t >= limit)]
-        if bad:
-            raise EngineError(f"Token id {bad[0]} is outside the model's vocabulary"
-                              + (f" (0..{limit - 1})." if limit is not None else "."))
+        span = f" (0..{limit - 1})." if limit is not None else "."
+        for param, ids in (("prompt", [*request.prompt_ids, *(t for p in request.forced_prefixes for t in p)]),
+                           ("logit_bias", [int(t) for t in (getattr(sampling, "logit_bias", None) or {})])):
+            bad = [t for t in ids if t < 0 or (limit is not None and t >= limit)]
+            if bad:
+                raise EngineError(f"Token id {bad[0]} is outside the model's vocabulary{span}", param=param)
