@@ -26,8 +26,10 @@ import torch
 
 from server.backends.base import GenerateRequest
 from server.backends.vllm import VLLMBackend, build_vllm_backend
+from server.backends.vllm.tokenizer_folder import tokenizer_folder
 from server.config import EMBEDDED_CHAT, Settings, resolve_model_path
 from server.errors import ConfigError, EngineOverloaded, EngineUnavailable
+from server.families.loading import load_family
 from server.types import SamplingParams
 from tests.support import ARTIFACTS, CHATGLM3_FIXTURES, REPO, free_port, healthy
 from tests.tiny_models import make_lora
@@ -173,7 +175,8 @@ def smol_lora(smol_folder, tmp_path_factory):
 @pytest.fixture(scope="module")
 def smol(loop, smol_folder, smol_lora, tmp_path_factory):
     backend = build_vllm_backend(settings(tmp_path_factory.mktemp("cache"), model_path=smol_folder),
-                                 model_folder=smol_folder, adapters={"smol-lora": smol_lora})
+                                 model_folder=smol_folder, adapters={"smol-lora": smol_lora},
+                                 family=load_family(smol_folder))
     yield start_backend(loop, backend, "smollm2_launch")
     loop.run(backend.stop(), timeout=60)
 
@@ -407,6 +410,7 @@ def glm(loop, glm_files):
     port = free_port()
     argv = vllm_argv(long_settings, probe_install(VLLM_PYTHON), model_folder=str(glm_files["base-32k"]),
                      served_name="chatglm3-32k", port=port,
+                     tokenizer=tokenizer_folder(load_family(str(glm_files["base-32k"])), str(cache)),
                      adapters=prepare_adapters({"law": str(glm_files["law"])}, model_folder=str(glm_files["base"]),
                                                cache_dir=str(cache)))
     ARTIFACTS.mkdir(exist_ok=True)
@@ -416,7 +420,8 @@ def glm(loop, glm_files):
     try:
         launched = build_vllm_backend(settings(cache, model_path=str(glm_files["base"])),
                                       model_folder=str(glm_files["base"]),
-                                      adapters={"law": str(glm_files["law"]), "glm-lora": str(glm_files["glm-lora"])})
+                                      adapters={"law": str(glm_files["law"]), "glm-lora": str(glm_files["glm-lora"])},
+                                      family=load_family(str(glm_files["base"])))
         start_backend(loop, launched, "chatglm3_launch")
         deadline = time.monotonic() + 300
         while not healthy(f"http://127.0.0.1:{port}"):
@@ -424,7 +429,8 @@ def glm(loop, glm_files):
             time.sleep(1)
         remote = build_vllm_backend(settings(cache, vllm_python="", vllm_url=f"http://127.0.0.1:{port}",
                                              model_path=str(glm_files["base-32k"])),
-                                    model_folder=str(glm_files["base-32k"]), adapters={"law": str(glm_files["law"])})
+                                    model_folder=str(glm_files["base-32k"]), adapters={"law": str(glm_files["law"])},
+                                    family=load_family(str(glm_files["base-32k"])))
         start_backend(loop, remote, "chatglm3_connect")
         yield {"8k": launched, "32k": remote, "32k-url": f"http://127.0.0.1:{port}"}
         loop.run(remote.stop(), timeout=30)
@@ -506,11 +512,13 @@ def test_connect_mode_checks_the_server_and_its_adapters(loop, glm, glm_files):
     lines = glm["32k"].describe()
     assert f"connected to {glm['32k-url']}" in lines[0] and "vLLM name chatglm3-32k" in lines[1]
     missing = build_vllm_backend(settings(glm_files["cache"], vllm_python="", vllm_url=glm["32k-url"]),
-                                 model_folder=str(glm_files["base-32k"]), adapters={"nope": "x"})
+                                 model_folder=str(glm_files["base-32k"]), adapters={"nope": "x"},
+                                 family=load_family(str(glm_files["base-32k"])))
     with pytest.raises(ConfigError, match="no LoRA adapter named nope"):
         loop.run(missing.start())
     nowhere = settings(glm_files["cache"], vllm_python="", vllm_url=f"http://127.0.0.1:{free_port()}")
-    nobody = build_vllm_backend(nowhere, model_folder=str(glm_files["base-32k"]), adapters={})
+    nobody = build_vllm_backend(nowhere, model_folder=str(glm_files["base-32k"]), adapters={},
+                                family=load_family(str(glm_files["base-32k"])))
     with pytest.raises(ConfigError, match="connection refused"):
         loop.run(nobody.start())
 

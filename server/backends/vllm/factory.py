@@ -16,10 +16,10 @@ from server.errors import ConfigError
 from server.model_files import context_length
 
 
-def build_vllm_backend(settings: Settings, *, model_folder: str, adapters: dict[str, str],
-                       family=None) -> VLLMBackend:
+def build_vllm_backend(settings: Settings, *, model_folder: str, adapters: dict[str, str], family) -> VLLMBackend:
     """`model_folder`: what vLLM loads (a GGUF already converted to a folder, or a hub id); `adapters`: served
-    model id -> adapter folder (LORA_MODULES)."""
+    model id -> adapter folder (LORA_MODULES); `family`: the model's family, whose vocabulary a launched vLLM needs
+    for structured outputs (ChatGLM3's own tokenizer is remote code vLLM cannot load)."""
     if settings.vllm_url and settings.vllm_python:
         raise ConfigError("Set VLLM_URL (connect to a running vLLM) or VLLM_PYTHON (glm-serve starts vLLM), not both.")
     config = _local_config(model_folder)
@@ -39,7 +39,7 @@ def build_vllm_backend(settings: Settings, *, model_folder: str, adapters: dict[
         raise ConfigError("The vLLM engine needs VLLM_URL or VLLM_PYTHON.")
     prepared = prepare_adapters(adapters, model_folder=model_folder, cache_dir=settings.cache_dir)
     served = settings.served_model_name or derive_model_name(settings.model_path)
-    tokenizer = tokenizer_folder(family, settings.cache_dir) if family is not None else None
+    tokenizer = tokenizer_folder(family, settings.cache_dir)
     supervisor = Supervisor(settings, model_folder=model_folder, served_name=served, adapters=prepared,
                             tokenizer=tokenizer)
     placement = (f"dtype {settings.dtype}   tensor parallel {settings.tensor_parallel_size} x pipeline parallel "
