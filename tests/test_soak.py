@@ -62,7 +62,7 @@ def test_soak_refuses_other_hosts():
 
 def test_soak_reconciliation_names_what_the_server_did_not_count():
     """The /metrics check can fail: a request a client saw answered but the server never counted is reported."""
-    from bench.soak import Outcome, _reconcile, request_counts
+    from bench.soak_report import Outcome, _reconcile, request_counts
 
     head = "# HELP glm_serve_requests_total HTTP requests\n# TYPE glm_serve_requests_total counter\n"
     texts = iter([
