@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     server = uvicorn.Server(config)
     server.run()
     if failure:
-        sys.exit(f"glm-serve: could not load the model: {failure[0]}")
+        # One line, the last one a user sees: an engine's log lines under it are already in the log above.
+        sys.exit(f"glm-serve: could not load the model: {failure[0].splitlines()[0]}")
 
 
 if __name__ == "__main__":

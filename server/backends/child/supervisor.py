@@ -7,14 +7,17 @@
   (PR_SET_PDEATHSIG, Linux) and takes its own children down.
 - Its output goes to our log line by line, prefixed with the engine's tag ("vllm|", "llama.cpp|"), at the
   engine's own level; the last lines are kept, so a failed start-up says why in the engine's words.
-- Ready = GET /health answers 200 within the start-up timeout; exiting first fails start-up.
+- Ready = GET /health answers 200 within the start-up timeout. Exiting first fails start-up at once, with no
+  restart (the same settings would fail the same way): one line with the engine's own error (`startup_cause`,
+  found in its kept lines: vLLM's root-cause exception sits far above its API server's wrapper traceback) and
+  what to change (`hints`), then its last lines.
 - While serving: the child exiting, or /health failing 3 times in a row, is an outage. In-flight streams are failed
   at once (EngineUnavailable), health() says why, and the child is restarted with exponential backoff (1, 2, 4 ...
   30 s); after MAX_RESTARTS failures in a row we give up with one clear log line. A restart that then serves for
   a minute resets the count.
 
 A subclass says what the engine is: `label`, `prepare()` (a one-time probe of the install), `argv(port)`,
-`line_level(line)` and `child_env()`.
+`line_level(line)`, `child_env()`, and for a failed start `startup_cause(lines)` and `hints`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import re
 import shlex
 import signal
 import socket
@@ -76,7 +80,9 @@ class ChildSupervisor:
         self.ready_seconds: float | None = None  # time to ready of the last start
         self.restarts = 0
         self._reason: str | None = f"{self.label} is starting"
-        self._tail: deque[str] = deque(maxlen=40)
+        # vLLM's engine core, its worker and its API server each print a traceback when start-up fails (~200 lines):
+        # enough kept that the first, the root cause, is still there.
+        self._tail: deque[str] = deque(maxlen=400)
         self._proc: asyncio.subprocess.Process | None = None
         self._pump: asyncio.Task | None = None
         self._watch: asyncio.Task | None = None
@@ -102,6 +108,22 @@ class ChildSupervisor:
     def shown(self, argv: list[str]) -> list[str]:
         """The command line as logged (a subclass hides secrets)."""
         return argv
+
+    def startup_cause(self, lines: list[str]) -> str:
+        """The engine's own error in its last output lines, as one line ('' when it printed none)."""
+        return ""
+
+    # (pattern, what to change): the first whose pattern is in the cause (or, failing that, in how it ended) wins
+    hints: tuple[tuple[re.Pattern[str], str], ...] = ()
+
+    def startup_failure(self, ended: str) -> str:
+        """The message of a failed start: its first line says what the engine said and what to change."""
+        cause = self.startup_cause(list(self._tail))
+        hints = (*self.hints, (re.compile("killed by SIGKILL"), _KILLED_HINT))
+        hint = next((h for p, h in hints if cause and p.search(cause)), "") or next(
+            (h for p, h in hints if p.search(ended)), "")
+        first = f"{self.label} {ended}" + (f": {cause}" if cause else "") + (f" -> {hint}" if hint else "")
+        return f"{first}\n{self.label}'s last log lines:\n{self._last_lines()}"
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def down_reason(self) -> str | None:
@@ -147,16 +169,15 @@ class ChildSupervisor:
             if proc.returncode is not None:
                 await self._drain_log()
                 await self._kill_group()
-                raise ChildStartupError(f"{self.label} exited ({_exit_text(proc.returncode)}) during start-up; its "
-                                        f"last log lines:\n{self._last_lines()}")
+                raise ChildStartupError(self.startup_failure(f"exited ({_exit_text(proc.returncode)}) during "
+                                                             "start-up"))
             if await healthy(self._client, self.base_url, timeout=2.0):
                 break
             now = time.monotonic()
             if now - started > timeout:
                 await self._terminate(grace=5.0)
                 where = f" ({self.timeout_setting})" if self.timeout_setting else ""
-                raise ChildStartupError(f"{self.label} was not ready within {timeout:.0f} s{where}; its last log "
-                                        f"lines:\n{self._last_lines()}")
+                raise ChildStartupError(self.startup_failure(f"was not ready within {timeout:.0f} s{where}"))
             if now >= next_note:
                 self.log.info("%s (pid %d) still starting: %.0f s", self.label, proc.pid, now - started)
                 next_note += 15
@@ -267,6 +288,12 @@ class ChildSupervisor:
     def _last_lines(self, n: int = 15) -> str:
         lines = [line for line in self._tail if self.line_level(line) > logging.DEBUG][-n:]
         return "\n".join(f"  {line}" for line in lines) or "  (no output)"
+
+
+# SIGKILL during start-up that we did not send: the engine said nothing, the kernel's out-of-memory killer did it.
+_KILLED_HINT = ("nobody asked it to stop: on Linux that is most often the kernel's out-of-memory killer (dmesg "
+                "says so); give the engine less to allocate (a lower MAX_MODEL_LEN or MAX_RUNNING_REQUESTS, a "
+                "smaller model) or stop what else uses this machine's memory")
 
 
 def _exit_text(code: int) -> str:

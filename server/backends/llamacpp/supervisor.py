@@ -54,6 +54,25 @@ class LlamaSupervisor(ChildSupervisor):
     def shown(self, argv: list[str]) -> list[str]:
         return ["***" if a == self.api_key else a for a in argv]
 
+    hints = (
+        (re.compile(r"(?i)insufficient memory|failed to allocate|out of memory|create_?context|kv cache"),
+         "give llama.cpp a smaller KV cache to allocate: a lower MAX_MODEL_LEN (its --ctx-size, which LLAMACPP_ARGS "
+         "may also set), a quantized cache (LLAMACPP_ARGS=\"--cache-type-k q8_0 --cache-type-v q8_0\") or a smaller "
+         "GGUF"),
+        (re.compile(r"(?i)load(ing)? model|gguf|magic|corrupt"),
+         "check the GGUF (LLAMACPP_GGUF, or MODEL_PATH when it is a .gguf): llama.cpp could not load it (a truncated "
+         "or damaged file, or an architecture this llama.cpp build does not know)"),
+        (re.compile(r"(?i)invalid argument|unknown argument|error: "), "fix LLAMACPP_ARGS (llama-server --help)"),
+    )
+
+    def startup_cause(self, lines: list[str]) -> str:
+        """Its first error line (the most specific) and the one that names what failed to load."""
+        errors = [" ".join(m[2].split()) for m in map(_PREFIX.match, lines) if m and m[1] == "E"]
+        if not errors:  # e.g. an unknown flag is reported before logging starts, without a level letter
+            return next((line.strip() for line in reversed(lines) if "error" in line.lower()), "")
+        failed = next((e for e in reversed(errors) if "load_model:" in e), errors[-1])
+        return errors[0] if failed == errors[0] else f"{errors[0]}; {failed}"
+
     def line_level(self, line: str) -> int:
         m = _PREFIX.match(line)
         if not m:
