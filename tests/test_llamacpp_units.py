@@ -87,6 +87,17 @@ def test_completion_body_sets_every_sampler():
     forced = orjson.loads(completion_body([1], SamplingParams(temperature=0), n_predict=1, stream=False, context=8,
                                           allowed=[4, 9]))
     assert forced["logit_bias"] == [[4, 1000.0], [9, 1000.0]] and "seed" not in forced
+    constrained = orjson.loads(completion_body([1], SamplingParams(logit_bias={"7": 5.0, "3": 2.0}), n_predict=4,
+                                               stream=True, context=8, grammar='root ::= "a"\n', banned=(3, 0)))
+    assert constrained["grammar"] == 'root ::= "a"\n'  # a ban (false: -inf) wins over the client's bias
+    assert constrained["logit_bias"] == [[7, 5.0], [3, False], [0, False]]
+
+
+def test_control_tokens_are_known_for_the_grammar_bans(smol_vocab, smol_tokenizer):
+    """llama.cpp's grammar reads a control token as its text ("<|im_start|>" fits inside a JSON string): the backend
+    bans those that are not stop ids while a grammar runs, as the native matcher never allows them there."""
+    assert set(smol_vocab.control) == set(smol_tokenizer.all_special_ids) | {
+        i for i, t in smol_tokenizer.added_tokens_decoder.items() if t.special}
 
 
 def test_command_line_ours_first_then_llamacpp_args():
@@ -119,3 +130,15 @@ def test_engine_choice(tmp_path):
     assert engine_choice(Settings(**base, llama_server=str(fake), model_path=str(tmp_path)))[0] == "native"
     assert engine_choice(Settings(**base, llama_server=str(fake), lora_modules="a=/x"))[0] == "native"
     assert engine_choice(Settings(**base, engine="llamacpp"))[0] == "llamacpp"
+
+
+def test_a_grammar_llama_server_refuses_is_a_400():
+    """gbnf.py keeps them from it; should one get through, llama-server's 400 stays ours (a 500 would blame us)."""
+    from server.api.errors import engine_status
+    from server.backends.llamacpp.backend import LlamaCppBackend
+
+    backend = LlamaCppBackend(None, gguf="/m.gguf", context_length=8)
+    body = orjson.dumps({"error": {"code": 400, "message": "Failed to initialize samplers: failed to parse grammar",
+                                   "type": "invalid_request_error"}})
+    err = backend.http_error(400, body)
+    assert engine_status(err) == 400 and err.code == "invalid_schema" and "failed to parse grammar" in err.message

@@ -24,6 +24,16 @@ from server.types import ChatEvent, ChatRequest, CompletionRequest, Finished, Mo
 log = logging.getLogger("glm_serve.serving")
 
 
+def _grammar_param(request: ChatRequest) -> str:
+    """The request field a grammar came from, for an engine's refusal of it."""
+    from server.structured.formats import forced_tools
+
+    if forced_tools(request.tools, request.tool_choice):
+        return "tools"
+    where = (request.response_format or {}).get("where") or "response_format"
+    return "text.format" if where.startswith("text.format") else "response_format"
+
+
 @dataclass
 class PreparedChat:
     request: ChatRequest | CompletionRequest
@@ -91,7 +101,11 @@ class ChatService:
         prompt = self.family.build_prompt(request)
         max_tokens = self._room(len(prompt.token_ids), request.sampling.max_tokens)
         if prompt.grammar is not None:  # compiled before anything is queued or streamed
-            self.backend.prepare_grammar(prompt.grammar)
+            try:
+                self.backend.prepare_grammar(prompt.grammar)
+            except EngineError as exc:
+                exc.param = exc.param or _grammar_param(request)
+                raise
         return PreparedChat(request, prompt, max_tokens)
 
     def prepare_raw(self, request: CompletionRequest) -> PreparedChat:

@@ -17,6 +17,7 @@ import httpx
 import orjson
 
 from server.backends.base import Capacity, GenerateRequest
+from server.backends.llamacpp.gbnf import to_gbnf
 from server.backends.llamacpp.stream import LlamaStream
 from server.backends.llamacpp.supervisor import LlamaSupervisor
 from server.backends.llamacpp.wire import Vocab, error_message, gguf_vocab
@@ -95,10 +96,10 @@ class LlamaCppBackend:
         return stream
 
     def prepare_grammar(self, grammar: str) -> None:
-        """Refused before anything is queued: our grammars are xgrammar EBNF, which llama.cpp's GBNF cannot read,
-        and translating schemas to llama.cpp's own json_schema would accept a different set of them."""
-        raise EngineError("Structured outputs (response_format json_schema / json_object, and forced tool calls) "
-                          "are not available on ENGINE=llamacpp yet; use ENGINE=native or ENGINE=vllm.")
+        """Our grammar (xgrammar EBNF) as llama.cpp's GBNF, translated and cached before anything is queued: what
+        GBNF cannot express is a 400 here (gbnf.py). Not llama-server's own json_schema: it would accept a
+        different set of schemas than the other engines."""
+        to_gbnf(grammar)
 
     def adapter_names(self) -> dict[str, str]:
         return {}
@@ -147,6 +148,8 @@ class LlamaCppBackend:
             message = error_message(orjson.loads(body))
         except orjson.JSONDecodeError:
             message = body[:300].decode("utf-8", "replace")
+        if status == 400 and "grammar" in message:  # gbnf.py should never let one through; a 400 all the same
+            return EngineError(f"llama.cpp refused the structured-output grammar: {message}", code="invalid_schema")
         if status == 400:
             return EngineError(f"llama.cpp refused the request: {message}")
         if status == 503:
@@ -159,6 +162,8 @@ class LlamaCppBackend:
         if request.adapter:
             raise EngineError(f"No LoRA adapter {request.adapter!r} on this server.", param="model",
                               code="model_not_found")
+        if request.grammar is not None and request.forced_prefixes:  # the grammar would have to start after them
+            raise EngineError("A grammar and forced prefixes together are not supported on ENGINE=llamacpp.")
         sampling = request.sampling
         if getattr(sampling, "logprobs", None) is not None:
             raise EngineError("logprobs are not available on ENGINE=llamacpp yet; use ENGINE=native or vllm.",

@@ -2,7 +2,8 @@
 
 The forced-prefix walk, the queue, cancel and the error mapping are the shared EngineStream's. Here: the request,
 ending the sequence on our own stop ids and at max_tokens (both by closing the stream, which makes llama-server
-cancel the slot's task), and the ids llama-server held back inside a UTF-8 character (wire.recover_held).
+cancel the slot's task), the ids llama-server held back inside a UTF-8 character (wire.recover_held), and a
+structured output's grammar as GBNF (gbnf.py) with the control tokens that are not stop ids banned.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import orjson
 
 from server.backends.base import TokenChunk
 from server.backends.child.stream import EngineStream, UpstreamError
+from server.backends.llamacpp.gbnf import to_gbnf
 from server.backends.llamacpp.wire import COMPLETION_PATH, HOLD_MARGIN, completion_body, parse_event, recover_held
 from server.errors import EngineUnavailable
 
@@ -42,8 +44,12 @@ class LlamaStream(EngineStream):
         req, owner = self._request, self._owner
         stops = req.stop_token_ids
         margin = max(0, min(HOLD_MARGIN, owner.context_length - len(token_ids) - max_tokens))
+        grammar = banned = None
+        if req.grammar is not None:  # translated in prepare_grammar already: a cache lookup
+            grammar = to_gbnf(req.grammar)
+            banned = tuple(t for t in owner.vocab.control if t not in stops)
         body = completion_body(token_ids, req.sampling, n_predict=max_tokens + margin, stream=True,
-                               context=owner.context_length)
+                               context=owner.context_length, grammar=grammar, banned=banned or ())
         sent = 0  # ids passed on (held-back ones included once recovered)
         async with owner.client.stream("POST", owner.url(COMPLETION_PATH), content=body, headers=_JSON) as response:
             if response.status_code != 200:

@@ -38,7 +38,9 @@ FORCE_BIAS = 1000.0  # added to the allowed ids at a forced-prefix branch: every
 
 
 def completion_body(prompt: list[int], sampling: SamplingParams, *, n_predict: int, stream: bool, context: int,
-                    allowed: list[int] | None = None) -> bytes:
+                    allowed: list[int] | None = None, grammar: str | None = None,
+                    banned: tuple[int, ...] = ()) -> bytes:
+    """`grammar`: GBNF (gbnf.py) the answer must match. `banned`: ids never sampled (a bias of false is -inf)."""
     body: dict[str, Any] = {
         "prompt": prompt,
         "n_predict": n_predict,
@@ -67,8 +69,12 @@ def completion_body(prompt: list[int], sampling: SamplingParams, *, n_predict: i
     bias = {int(k): float(v) for k, v in (getattr(sampling, "logit_bias", None) or {}).items()}
     if allowed:
         bias.update({t: bias.get(t, 0.0) + FORCE_BIAS for t in allowed})
-    if bias:
-        body["logit_bias"] = [[t, b] for t, b in bias.items()]
+    entries: list[list] = [[t, b] for t, b in bias.items() if t not in banned]
+    entries += [[t, False] for t in banned]
+    if entries:
+        body["logit_bias"] = entries
+    if grammar is not None:
+        body["grammar"] = grammar
     return orjson.dumps(body)
 
 
@@ -101,8 +107,11 @@ def error_message(payload: Any) -> str:
 class Vocab:
     """Each token id's bytes as llama.cpp renders it, from the GGUF the server loads."""
 
-    def __init__(self, pieces: list[bytes]):
+    def __init__(self, pieces: list[bytes], control: tuple[int, ...] = ()):
         self.pieces = pieces
+        # Control tokens (role markers...): llama.cpp's grammar reads them as their text ("<|im_start|>" would fit
+        # inside a JSON string), so a constrained sequence bans those that are not its stop ids, as native does.
+        self.control = control
         self._by_bytes: dict[bytes, int] = {}
         for i, p in enumerate(pieces):
             if p:
@@ -145,10 +154,11 @@ def gguf_vocab(path: str) -> Vocab:
     model, texts = meta.get("tokenizer.ggml.model"), meta["tokenizer.ggml.tokens"]
     types = meta.get("tokenizer.ggml.token_type") or [1] * len(texts)
     decoder = {v: k for k, v in _bytes_to_unicode().items()}
-    pieces = []
+    pieces, control = [], []
     for text, kind in zip(texts, types):
         if kind == 3:  # CONTROL
             pieces.append(b"")
+            control.append(len(pieces) - 1)
         elif kind == 4:  # USER_DEFINED: as written
             pieces.append(text.encode("utf-8"))
         elif model == "gpt2":
@@ -157,7 +167,7 @@ def gguf_vocab(path: str) -> Vocab:
             pieces.append(bytes([int(text[3:-1], 16)]))
         else:
             pieces.append(text.replace("\u2581", " ").encode("utf-8"))
-    return Vocab(pieces)
+    return Vocab(pieces, tuple(control))
 
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
