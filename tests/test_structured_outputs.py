@@ -1,5 +1,5 @@
 """Structured outputs end to end: response_format json_object / json_schema and forced tool calls constrained by a
-grammar, through the real server on both engines (SmolLM2) and on the tiny random ChatGLM3, with the openai SDK,
+grammar, through the real server on every engine (SmolLM2) and on the tiny random ChatGLM3, with the openai SDK,
 httpx and LangChain. Every answer that must be JSON is checked by parsing and validating it, not by its text."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pydantic import BaseModel, Field
 from tests.support import CHATGLM3_FIXTURES, running_server
 
 SMOL = "SmolLM2-135M-Instruct"
-# Grammars reach native (xgrammar in our sampler) and vLLM (its own xgrammar); llama.cpp is not wired for them yet.
-ONLY_ENGINES = ["native", "vllm"]
+# Grammars reach native (xgrammar in our sampler), vLLM (its own xgrammar) and llama.cpp (translated to its GBNF,
+# tests/test_llamacpp_gbnf.py): the same tests on all three.
 
 
 class Address(BaseModel):
@@ -71,7 +71,7 @@ def check_calls(message, names: set[str]) -> None:
         ARGS[call.function.name].model_validate_json(call.function.arguments)
 
 
-# -- SmolLM2, both engines ----------------------------------------------------------------------------------------
+# -- SmolLM2, every engine ----------------------------------------------------------------------------------------
 
 def test_parse_with_a_pydantic_model(engine_client):
     r = engine_client.chat.completions.parse(model=SMOL, messages=ASK, response_format=Person, temperature=0,
@@ -114,7 +114,7 @@ def test_max_tokens_cuts_the_json_with_finish_reason_length(engine_client):
                                              temperature=0)
 
 
-def test_constrained_and_free_requests_in_one_batch_each_equal_alone(engine_client):
+def test_constrained_and_free_requests_in_one_batch_each_equal_alone(engine_client, request):
     free = [[{"role": "user", "content": q}] for q in ("Name three fruits.", "What is the capital of France?")]
     jobs = [dict(messages=ASK, response_format=schema_format()), dict(messages=free[0]),
             dict(messages=ASK, response_format={"type": "json_object"}), dict(messages=free[1])]
@@ -126,9 +126,13 @@ def test_constrained_and_free_requests_in_one_batch_each_equal_alone(engine_clie
     alone = [run(job) for job in jobs]
     with ThreadPoolExecutor(len(jobs)) as pool:
         together = list(pool.map(run, jobs))
+    for answers in (alone, together):  # valid in a batch too, on every engine
+        assert answers[0][1] == "stop"
+        Person.model_validate_json(answers[0][0])
+        assert answers[2][1] != "stop" or isinstance(json.loads(answers[2][0]), dict)
+    if together != alone and request.node.callspec.params["engine_server"] == "llamacpp":
+        pytest.xfail("llama.cpp's logits depend on the batch (known, open: tests/test_api_chat.py batch_dependent)")
     assert together == alone
-    assert alone[0][1] == "stop"
-    Person.model_validate_json(alone[0][0])
 
 
 @pytest.mark.parametrize("response_format, where", [
