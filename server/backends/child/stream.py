@@ -11,8 +11,8 @@ connection is EngineUnavailable; the engine's own error inside the stream is Eng
 unboundedly: reads time out after REQUEST_TIMEOUT of silence, and the backend fails every stream at once when
 the engine goes down.
 
-A subclass implements `_pick(token_ids, allowed)` (one token among `allowed` after `token_ids`) and
-`_stream(token_ids, max_tokens)` (generate, `_put` each chunk, the last one with its finish reason).
+A subclass implements `_pick(token_ids, allowed)` (one token among `allowed` after `token_ids`, and its logprobs)
+and `_stream(token_ids, max_tokens)` (generate, `_put` each chunk, the last one with its finish reason).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class EngineStream:
         if isinstance(item, BaseException):
             self._done = True
             raise item
-        ids, finish = list(item.token_ids), item.finish_reason
+        ids, finish, logprobs = list(item.token_ids), item.finish_reason, item.logprobs
         while finish is None and not self._queue.empty():
             nxt = self._queue.get_nowait()
             if isinstance(nxt, BaseException):
@@ -76,8 +76,10 @@ class EngineStream:
                 break
             ids += nxt.token_ids
             finish = nxt.finish_reason
+            if nxt.logprobs is not None:
+                logprobs = (logprobs or []) + nxt.logprobs
         self._done = finish is not None
-        return TokenChunk(ids, finish)
+        return TokenChunk(ids, finish, logprobs)
 
     def cancel(self) -> None:
         if self._final_queued:
@@ -139,17 +141,24 @@ class EngineStream:
         if req.forced_prefixes:
             pending: list[int] = []
             while allowed := allowed_next(req.forced_prefixes, out):
-                if len(allowed) == 1:
+                logprobs = None
+                if len(allowed) == 1 and not self._lone_needs_engine():
                     token = allowed[0]  # the only way on: no need to ask the model
                 else:
                     if pending:
                         self._put(TokenChunk(pending))
                         pending = []
                     self.forced_calls += 1
-                    token = await self._pick(req.prompt_ids + out, allowed)
+                    token, logprobs = await self._pick(req.prompt_ids + out, allowed)
                 out.append(token)
                 pending.append(token)
                 finish = "stop" if token in req.stop_token_ids else "length" if len(out) >= req.max_tokens else None
+                if logprobs is not None:  # one token per chunk: its logprobs go with it
+                    self._put(TokenChunk(pending, finish, logprobs))
+                    pending = []
+                    if finish:
+                        return
+                    continue
                 if finish:
                     self._put(TokenChunk(pending, finish))
                     return
@@ -160,7 +169,12 @@ class EngineStream:
             return
         await self._stream(req.prompt_ids + out, req.max_tokens - len(out))
 
-    async def _pick(self, token_ids: list[int], allowed: list[int]) -> int:
+    def _lone_needs_engine(self) -> bool:
+        """Whether a forced token that is the only way on is still sent to the engine (for its logprobs)."""
+        return False
+
+    async def _pick(self, token_ids: list[int], allowed: list[int]) -> tuple[int, list | None]:
+        """One token among `allowed` after `token_ids`, with its logprobs where the request asked for them."""
         raise NotImplementedError
 
     async def _stream(self, token_ids: list[int], max_tokens: int) -> None:

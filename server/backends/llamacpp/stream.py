@@ -27,7 +27,7 @@ _JSON = {"content-type": "application/json"}
 class LlamaStream(EngineStream):
     _owner: LlamaCppBackend
 
-    async def _pick(self, token_ids: list[int], allowed: list[int]) -> int:
+    async def _pick(self, token_ids: list[int], allowed: list[int]) -> tuple[int, None]:
         """One token out of `allowed`, sampled by llama.cpp with the request's own settings (a large logit bias on
         the allowed ids keeps their relative scores and puts every other id out of reach)."""
         body = completion_body(token_ids, self._request.sampling, n_predict=1, stream=False,
@@ -38,7 +38,7 @@ class LlamaStream(EngineStream):
         tokens = orjson.loads(response.content).get("tokens") or []
         if len(tokens) != 1 or tokens[0] not in allowed:
             raise UpstreamError(f"asked for one of {allowed}, got {tokens}")
-        return tokens[0]
+        return tokens[0], None  # no logprobs on this engine (a 400 before this)
 
     async def _stream(self, token_ids: list[int], max_tokens: int) -> None:
         req, owner = self._request, self._owner

@@ -30,6 +30,7 @@ RESTART_RETRY_AFTER = 30.0  # seconds a client is told to wait while vLLM is dow
 
 class VLLMBackend:
     name = "vllm"
+    label = "vLLM"  # how stream errors name it
 
     def __init__(
         self,
@@ -111,6 +112,8 @@ class VLLMBackend:
             raise EngineOverloaded(f"The server is at capacity ({self.max_running} running and "
                                    f"{self.max_waiting} waiting requests); retry shortly.")
         self._check_ids(request)
+        if request.grammar is not None and request.forced_prefixes:  # the grammar would have to start after them
+            raise EngineError("A grammar and forced prefixes together are not supported on vLLM.")
         model = None
         if request.adapter:
             if request.adapter not in self._adapters:

@@ -28,6 +28,7 @@ from typing import Any
 import orjson
 
 from server.backends.base import BackendFinish, StepLogprobs, TokenChunk
+from server.backends.child.stream import UpstreamError
 from server.types import SamplingParams
 
 GENERATE_PATH = "/inference/v1/generate"
@@ -36,10 +37,6 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's bound for top_logprobs
 UPSTREAM_ID_PREFIX = "generate-tokens-"  # what vLLM puts before our request_id (serving.py, serve_tokens)
 
 _FINISH: dict[str, BackendFinish] = {"stop": "stop", "length": "length", "abort": "abort"}
-
-
-class UpstreamError(Exception):
-    """vLLM reported an error inside a stream (its own generation failed)."""
 
 
 def sampling_params(
