@@ -47,9 +47,9 @@ def completion_body(prompt: list[int], sampling: SamplingParams, *, n_predict: i
         "stream": stream,
         "return_tokens": True,
         # Reuse the slot's KV for the prompt's common prefix (llama-server's default): 0.85x -> 0.91x raw
-        # llama-server at 1 stream, 0.86x -> 1.16x at 16 (bench.engines, one run each). Its cost, logits that differ
-        # a little from a whole-prompt prefill, is one llama.cpp has anyway between batch sizes.
-        "cache_prompt": True,
+        # llama-server at 1 stream, 0.86x -> 1.16x at 16 (bench.engines, one run each). Reused KV gives logits a
+        # little off a whole-prompt prefill, so a seeded request (reproducibility asked for) prefills whole.
+        "cache_prompt": sampling.seed is None,
         "temperature": max(sampling.temperature, 0.0),
         "top_k": sampling.top_k,  # 0 = off in both
         "top_p": sampling.top_p,
