@@ -17,6 +17,7 @@ import httpx
 import orjson
 
 from server.backends.base import Capacity, GenerateRequest
+from server.backends.child.client import engine_client
 from server.backends.llamacpp.gbnf import to_gbnf
 from server.backends.llamacpp.stream import LlamaStream
 from server.backends.llamacpp.supervisor import LlamaSupervisor
@@ -51,14 +52,9 @@ class LlamaCppBackend:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
-        httpx_log = logging.getLogger("httpx")
-        if httpx_log.level == logging.NOTSET:  # its INFO line per request would log every 2 s health poll
-            httpx_log.setLevel(logging.WARNING)
-        slots = self.max_running + self.max_waiting
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(connect=10.0, read=self.read_timeout, write=30.0, pool=30.0),
-            limits=httpx.Limits(max_connections=slots + 16, max_keepalive_connections=self.max_running + 8),
-            headers={"Authorization": f"Bearer {self.upstream.api_key}"})
+        self.client = engine_client(read_timeout=self.read_timeout, running=self.max_running,
+                                    waiting=self.max_waiting,
+                                    headers={"Authorization": f"Bearer {self.upstream.api_key}"})
         self.upstream.on_down = self._fail_all
         try:
             self.vocab = await asyncio.to_thread(gguf_vocab, self.gguf)

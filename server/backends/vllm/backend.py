@@ -18,6 +18,7 @@ import httpx
 import orjson
 
 from server.backends.base import Capacity, GenerateRequest
+from server.backends.child.client import engine_client
 from server.backends.vllm.probe import ServerInfo, running_requests, server_info
 from server.backends.vllm.stream import VLLMStream
 from server.backends.vllm.wire import ABORT_PATH, UPSTREAM_ID_PREFIX, error_message
@@ -64,15 +65,8 @@ class VLLMBackend:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
-        httpx_log = logging.getLogger("httpx")
-        if httpx_log.level == logging.NOTSET:  # its INFO line per request would log every 2 s health poll
-            httpx_log.setLevel(logging.WARNING)
-        slots = self.max_running + self.max_waiting
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(connect=10.0, read=self.read_timeout, write=30.0, pool=30.0),
-            limits=httpx.Limits(max_connections=slots + 16, max_keepalive_connections=self.max_running + 8),
-            headers=self._headers,
-        )
+        self.client = engine_client(read_timeout=self.read_timeout, running=self.max_running,
+                                    waiting=self.max_waiting, headers=self._headers)
         self.upstream.on_down = self._fail_all
         try:
             await self.upstream.start(self.client)

@@ -1,0 +1,30 @@
+"""The HTTP client glm-serve talks to an engine server with (vLLM, llama-server): one pool per backend.
+
+Idle pooled connections expire after 2 s. Both engines' servers close an idle keep-alive connection after 5 s
+(uvicorn's default in vLLM, cpp-httplib's in llama-server), and so did httpx's pool: with equal clocks, and the
+server's starting first (from when it sent a response, ours from when we finished reading it), the server could
+close a connection in the same moment we reused it, and that sequence was lost (`ReadError`, seen once in a
+1,000-request soak on vLLM). Expiring well before the server does means a reused connection is never one the
+server is closing.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import httpx
+
+KEEPALIVE_EXPIRY = 2.0  # seconds; under the engines' 5 s server-side keep-alive, with room for a busy loop
+
+
+def engine_client(*, read_timeout: float, running: int, waiting: int, headers: dict[str, str]) -> httpx.AsyncClient:
+    httpx_log = logging.getLogger("httpx")
+    if httpx_log.level == logging.NOTSET:  # its INFO line per request would log every 2 s health poll
+        httpx_log.setLevel(logging.WARNING)
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(connect=10.0, read=read_timeout, write=30.0, pool=30.0),
+        # a connection per stream (running and waiting ones hold theirs), plus health polls, aborts and picks
+        limits=httpx.Limits(max_connections=running + waiting + 16, max_keepalive_connections=running + 8,
+                            keepalive_expiry=KEEPALIVE_EXPIRY),
+        headers=headers,
+    )
