@@ -10,7 +10,8 @@ the OpenAI error shape (429 with Retry-After); a 5xx, a hang or a malformed answ
 
 With --pid it also follows the server's resident memory: warm-up rounds of --warmup requests run until a round
 grows it by less than --plateau-percent (at most --warmup-rounds), then the measured requests run with a sample
-every --sample-every requests; the verdict is the growth over them and its slope. Exit status 1 on any violation.
+every --sample-every requests; the verdict is the growth of their floor (the lowest reading, first third to
+last), with the slope. Exit status 1 on any violation.
 
 Loopback only: this is a test of our own server, never a load generator for someone else's.
 """
