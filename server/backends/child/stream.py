@@ -45,6 +45,8 @@ class StreamOwner(Protocol):
 
 class EngineStream:
     def __init__(self, owner: StreamOwner, request: GenerateRequest, upstream_id: str):
+        if request.grammar is not None and request.forced_prefixes:  # the grammar would have to start after them
+            raise EngineError(f"A grammar and forced prefixes together are not supported on {owner.label}.")
         self._owner = owner
         self._request = request
         self._id = upstream_id

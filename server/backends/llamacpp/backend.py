@@ -158,8 +158,6 @@ class LlamaCppBackend:
         if request.adapter:
             raise EngineError(f"No LoRA adapter {request.adapter!r} on this server.", param="model",
                               code="model_not_found")
-        if request.grammar is not None and request.forced_prefixes:  # the grammar would have to start after them
-            raise EngineError("A grammar and forced prefixes together are not supported on ENGINE=llamacpp.")
         sampling = request.sampling
         if getattr(sampling, "logprobs", None) is not None:
             raise EngineError("logprobs are not available on ENGINE=llamacpp yet; use ENGINE=native or vllm.",

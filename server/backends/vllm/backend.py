@@ -106,8 +106,6 @@ class VLLMBackend:
             raise EngineOverloaded(f"The server is at capacity ({self.max_running} running and "
                                    f"{self.max_waiting} waiting requests); retry shortly.")
         self._check_ids(request)
-        if request.grammar is not None and request.forced_prefixes:  # the grammar would have to start after them
-            raise EngineError("A grammar and forced prefixes together are not supported on vLLM.")
         model = None
         if request.adapter:
             if request.adapter not in self._adapters:
