@@ -32,7 +32,7 @@ import httpx
 if __package__ in (None, ""):  # run as `python bench/structured.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import compute_metrics, generate_prompts, parse_int_list, summarize_ms  # noqa: E402
+from bench.common import compute_metrics, generate_prompts, parse_int_list, percentile, summarize_ms  # noqa: E402
 from bench.serve import _headers, build_parser, discover_model, run_level, stream_request  # noqa: E402
 
 INSTRUCTION = "Answer with a JSON object that has a title, a list of tags, a score from 0 to 100 and a summary. "
@@ -82,11 +82,6 @@ async def compile_times(client: httpx.AsyncClient, args, url: str, headers: dict
     return times
 
 
-def median(values: list[float]) -> float:
-    v = sorted(values)
-    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
-
-
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     serve_args = build_parser().parse_args(["--output-len", str(args.output_len), "--timeout", str(args.timeout),
                                             "--disable-tqdm"])
@@ -131,8 +126,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                           f"{m['total_output_tokens'] / max(1, m['completed']):5.1f} tokens/answer", flush=True)
     summary = []
     for level in levels:
-        tps = {k: median([r["metrics"]["output_throughput"] for r in runs
-                          if r["kind"] == k and r["concurrency"] == level]) for k in ("free", "json_schema")}
+        tps = {k: percentile([r["metrics"]["output_throughput"] for r in runs
+                          if r["kind"] == k and r["concurrency"] == level], 50) for k in ("free", "json_schema")}
         summary.append({"concurrency": level, "free_tok_s": round(tps["free"], 1),
                         "json_schema_tok_s": round(tps["json_schema"], 1),
                         "ratio": round(tps["json_schema"] / tps["free"], 3)})
