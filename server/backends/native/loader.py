@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,16 +73,11 @@ def load_chat_model(path: str, placement: Placement, *, cache_dir: str, max_mode
 def _quiet_bitsandbytes(placement: Placement) -> None:
     qc = placement.quantization_config
     if qc is not None and getattr(qc, "load_in_8bit", False) and placement.dtype != torch.float16:
-        # LLM.int8 multiplies in float16 and logs a warning about the cast in every layer at every step: say it once.
-        bnb_log = logging.getLogger("bitsandbytes.autograd._functions")
-        if _drop_int8_cast_warning not in bnb_log.filters:
-            bnb_log.addFilter(_drop_int8_cast_warning)
+        # LLM.int8 multiplies in float16 and warns about the cast (warnings.warn up to bitsandbytes 0.48, the
+        # pin's top) in every layer at every step: say it once.
+        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast", category=UserWarning)
         log.info("8-bit layers compute in float16 (LLM.int8); %s activations are cast at each of them.",
                  str(placement.dtype).removeprefix("torch."))
-
-
-def _drop_int8_cast_warning(record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
 
 
 def _weight_bytes(model, config: dict, placement: Placement) -> int:
