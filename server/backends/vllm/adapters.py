@@ -126,31 +126,19 @@ def write_adapter(tensors: dict, config: dict[str, Any], out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def translate_glm_adapter(weights: dict, config: dict[str, Any], base: dict[str, Any], *, adapter: str = "adapter"):
-    """(tensors, adapter_config) of a GLM-named LoRA adapter rewritten in ChatGLM3's module names (module doc)."""
+def translate_glm_adapter(weights: dict, config: dict[str, Any], base: dict[str, Any], *, adapter: str = "adapter",
+                          engine: str = "vLLM"):
+    """(tensors, adapter_config) of a GLM-named LoRA adapter rewritten in ChatGLM3's module names (module doc).
+    An adapter already in ChatGLM3's names comes out the same way (its scale folded, one rank): llama.cpp's
+    GGUF adapters (server/backends/llamacpp/lora.py) take either kind through here."""
     import torch
 
     def refuse(why: str):
-        return ConfigError(f"LoRA adapter {adapter!r} cannot be served on vLLM's ChatGLM3: {why}")
+        return ConfigError(f"LoRA adapter {adapter!r} cannot be served on {engine}'s ChatGLM3: {why}")
 
-    if config.get("use_dora"):
-        raise refuse("DoRA adapters are not supported by vLLM.")
-    if config.get("fan_in_fan_out") or config.get("lora_bias") or config.get("bias", "none") != "none":
-        raise refuse("fan_in_fan_out, lora_bias and trained biases are not translated.")
-    if config.get("modules_to_save"):
-        raise refuse(f"modules_to_save {config['modules_to_save']} (fully trained layers) are not LoRA.")
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in weights.items():
-        match = _LORA_KEY.match(key)
-        if not match:
-            raise refuse(f"{key} is not a lora_A/lora_B weight (embedding LoRA is not supported on vLLM's ChatGLM).")
-        pairs.setdefault(match["module"], {})[match["part"]] = tensor.float()
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # ChatGLM module -> (A, scaled B)
     qkv: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
-    for module, ab in pairs.items():
-        if set(ab) != {"lora_A", "lora_B"}:
-            raise refuse(f"{module} lacks its lora_A or lora_B weight.")
-        a, b = ab["lora_A"], ab["lora_B"] * _scale(config, module, ab["lora_A"].shape[0])
+    for module, (a, b) in scaled_lora_pairs(weights, config, refuse, engine=engine).items():
         proj = next((p for p in SPLIT_QKV if module.endswith("." + p)), None)
         if proj is not None:
             layer = module[: -len(proj)]
@@ -163,20 +151,57 @@ def translate_glm_adapter(weights: dict, config: dict[str, Any], base: dict[str,
             modules[fused] = _fuse_qkv(parts, q_rows, kv_rows, refuse)
     unknown = [m for m in modules if m.rpartition(".")[2] not in _CHATGLM_TARGETS]
     if unknown:
-        raise refuse(f"modules {unknown[:3]} are not ChatGLM3 linear layers vLLM takes LoRA on.")
-    rank = max(a.shape[0] for a, _ in modules.values())
+        raise refuse(f"modules {unknown[:3]} are not ChatGLM3 linear layers {engine} takes LoRA on.")
+    padded, rank = one_rank(modules)
     tensors = {}
+    for module, (a, b) in padded.items():
+        tensors[f"{module}.lora_A.weight"] = a
+        tensors[f"{module}.lora_B.weight"] = b
+    new_config = {k: v for k, v in config.items() if k not in ("rank_pattern", "alpha_pattern", "use_rslora")}
+    new_config.update(r=rank, lora_alpha=rank, use_rslora=False, rank_pattern={}, alpha_pattern={},
+                      target_modules=sorted({m.rpartition(".")[2] for m in modules}))
+    return tensors, new_config
+
+
+def scaled_lora_pairs(weights: dict, config: dict[str, Any], refuse, *, engine: str = "vLLM") -> dict:
+    """{module: (A, B * peft's scale for it)} of a plain LoRA adapter's weights (float32); `refuse(why)` makes the
+    error for what is not plain LoRA."""
+    import torch
+
+    if config.get("use_dora"):
+        raise refuse(f"DoRA adapters are not supported by {engine}.")
+    if config.get("fan_in_fan_out") or config.get("lora_bias") or config.get("bias", "none") != "none":
+        raise refuse("fan_in_fan_out, lora_bias and trained biases are not translated.")
+    if config.get("modules_to_save"):
+        raise refuse(f"modules_to_save {config['modules_to_save']} (fully trained layers) are not LoRA.")
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in weights.items():
+        match = _LORA_KEY.match(key)
+        if not match:
+            raise refuse(f"{key} is not a lora_A/lora_B weight (embedding LoRA is not supported on {engine}).")
+        pairs.setdefault(match["module"], {})[match["part"]] = tensor.float()
+    out = {}
+    for module, ab in pairs.items():
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise refuse(f"{module} lacks its lora_A or lora_B weight.")
+        out[module] = ab["lora_A"], ab["lora_B"] * _scale(config, module, ab["lora_A"].shape[0])
+    return out
+
+
+def one_rank(modules: dict) -> tuple[dict, int]:
+    """Every (A, scaled B) zero-padded to the largest rank R: with alpha = R each scale is exactly 1 and the
+    padding adds exact zeros, so an engine that takes one alpha per adapter computes each module's own update."""
+    import torch
+
+    rank = max(a.shape[0] for a, _ in modules.values())
+    out = {}
     for module, (a, b) in modules.items():
         pad = rank - a.shape[0]
         if pad:
             a = torch.cat([a, a.new_zeros(pad, a.shape[1])])
             b = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)
-        tensors[f"{module}.lora_A.weight"] = a.contiguous()
-        tensors[f"{module}.lora_B.weight"] = b.contiguous()
-    new_config = {k: v for k, v in config.items() if k not in ("rank_pattern", "alpha_pattern", "use_rslora")}
-    new_config.update(r=rank, lora_alpha=rank, use_rslora=False, rank_pattern={}, alpha_pattern={},
-                      target_modules=sorted({m.rpartition(".")[2] for m in modules}))
-    return tensors, new_config
+        out[module] = a.contiguous(), b.contiguous()
+    return out, rank
 
 
 _CHATGLM_TARGETS = {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}
