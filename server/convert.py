@@ -60,7 +60,7 @@ def convert(model: str, out: str | os.PathLike[str], kind: str = "f16") -> Path:
     _vocab(writer, sentencepiece.SentencePieceProcessor(model_file=str(checkpoint_file(model, "tokenizer.model"))),
            config["padded_vocab_size"])
     for name, tensor in _tensors(model):
-        target = _name(name, config["num_layers"])
+        target = tensor_name(name, config["num_layers"])
         if target is None:
             continue
         data, qtype = _encode(tensor, kind)
@@ -144,7 +144,8 @@ def _tensors(model: str):
                 yield name, tensor.to(torch.float32).numpy()
 
 
-def _name(name: str, n_layers: int) -> str | None:
+def tensor_name(name: str, n_layers: int) -> str | None:
+    """The GGUF name of a ChatGLM3 weight (None: not written); LoRA adapters map theirs through it too."""
     import gguf
 
     if name.endswith("rotary_pos_emb.inv_freq"):
