@@ -9,9 +9,9 @@ the OpenAI error shape (429 with Retry-After); a 5xx, a hang or a malformed answ
 /metrics are read before and after: it must have counted every request exactly once, by the status the client saw.
 
 With --pid it also follows the server's resident memory: warm-up rounds of --warmup requests run until a round
-grows it by less than --plateau-percent (at most --warmup-rounds), then the measured requests run with a sample
-every --sample-every requests; the verdict is the growth of their floor (the lowest reading, first third to
-last), with the slope. Exit status 1 on any violation.
+raises neither it nor its high-water mark by --plateau-percent (at most --warmup-rounds), then the measured
+requests run with a sample every --sample-every requests; the verdict is the growth of their floor (the lowest
+reading, first third to last), with the slope. Exit status 1 on any violation.
 
 Loopback only: this is a test of our own server, never a load generator for someone else's.
 """
@@ -240,19 +240,29 @@ async def run_soak(cfg: SoakConfig) -> Report:
 
 async def _warm_up(client, rng: random.Random, cfg: SoakConfig, deadline: float, report: Report) -> None:
     """Rounds at full concurrency until resident memory stops rising: allocator pools, thread pools and caches
-    reach their working size first (a one-off high-water mark), so the verdict measures growth under load."""
-    previous = report.rss_start_kib = rss_kib(cfg.pid) if cfg.pid else None
+    reach their working size first (a one-off high-water mark), so the verdict measures growth under load.
+
+    A round ends the warm-up when neither the reading after it nor the high-water mark rose by plateau_percent:
+    the reading alone swings with work still being freed (it stopped a vLLM soak at 712 MiB, two rounds in, whose
+    floor then settled at 725-745), and the high-water mark only rises, so it says when the working set stopped
+    growing."""
+    report.rss_start_kib = rss_kib(cfg.pid) if cfg.pid else None
     for _ in range(cfg.warmup_rounds if cfg.pid else min(cfg.warmup_rounds, 1)):
         kinds = rng.choices(list(MIX), weights=list(MIX.values()), k=cfg.warmup)
         report.warmup_outcomes += await _batch(client, kinds, rng, cfg, deadline)
         if not cfg.pid:
             return
         await asyncio.sleep(0.5)  # dropped streams' cleanup, as before the final reading
-        now = rss_kib(cfg.pid)
-        report.warmup_rss_kib.append(now)
-        if len(report.warmup_rss_kib) > 1 and 100 * (now - previous) / previous < cfg.plateau_percent:
+        report.warmup_rss_kib.append(rss_kib(cfg.pid))
+        report.warmup_hwm_kib.append(rss_kib(cfg.pid, "VmHWM"))
+        if plateaued(report.warmup_rss_kib, report.warmup_hwm_kib, cfg.plateau_percent):
             return
-        previous = now
+
+
+def plateaued(readings: list[int], high_water: list[int], percent: float) -> bool:
+    if len(readings) < 2:
+        return False
+    return all(100 * (b - a) / a < percent for a, b in (readings[-2:], high_water[-2:]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=SoakConfig.warmup, help="requests per warm-up round")
     p.add_argument("--warmup-rounds", type=int, default=SoakConfig.warmup_rounds, help="at most this many")
     p.add_argument("--plateau-percent", type=float, default=SoakConfig.plateau_percent,
-                   help="a warm-up round growing resident memory by less ends the warm-up")
+                   help="a warm-up round raising neither resident memory nor its high-water mark by this much ends it")
     p.add_argument("--sample-every", type=int, default=SoakConfig.sample_every)
     p.add_argument("--api-key", default=None)
     p.add_argument("--pid", type=int, default=None, help="server process id, to report its resident memory")

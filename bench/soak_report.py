@@ -33,6 +33,7 @@ class Report:
     seconds: float = 0.0
     rss_start_kib: int | None = None  # before the warm-up
     warmup_rss_kib: list[int] = field(default_factory=list)  # after each warm-up round
+    warmup_hwm_kib: list[int] = field(default_factory=list)  # the high-water mark after each warm-up round
     rss_before_kib: int | None = None  # after the warm-up: the plateau's start
     rss_after_kib: int | None = None
     rss_samples: list[tuple[int, int]] = field(default_factory=list)  # (measured requests done, KiB)
@@ -85,6 +86,7 @@ class Report:
                 "rounds": len(self.warmup_rss_kib),
                 "rss_start_mib": _mib(self.rss_start_kib),
                 "rss_after_each_round_mib": [_mib(k) for k in self.warmup_rss_kib],
+                "high_water_after_each_round_mib": [_mib(k) for k in self.warmup_hwm_kib],
                 "growth_percent": _percent(self.rss_start_kib, self.rss_before_kib),
             },
             "rss_before_mib": _mib(self.rss_before_kib),
@@ -110,11 +112,12 @@ def _percent(before: int | None, after: int | None) -> float | None:
     return round(100 * (after - before) / before, 2) if before and after else None
 
 
-def rss_kib(pid: int) -> int:
+def rss_kib(pid: int, field: str = "VmRSS") -> int:
+    """Resident memory now (VmRSS), or its high-water mark so far (VmHWM)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    raise RuntimeError(f"no {field} for pid {pid}")
 
 
 ROUTES = {"embed": "/v1/embeddings"}  # every other kind posts to /v1/chat/completions

@@ -1,9 +1,9 @@
 """Load and faults: 1000 mixed requests at concurrency 32 against a server with a short queue (bench/soak.py), on
-the native engine (the body runs on vLLM too, --enforce-eager, see the parametrize below).
+the native engine and on vLLM (--enforce-eager).
 
 No hangs, no 5xx, every refusal an OpenAI error (429s with Retry-After, and they must really happen), the server's
 /metrics count every request once by the status its client saw, and resident memory, measured from a warm plateau
-(warm-up rounds until a round grows it by under 1%), has a floor that grows by under 5% over the 1000 requests
+(warm-up rounds until a round raises neither it nor its high-water mark by 1%), has a floor that grows by under 5% over the 1000 requests
 (the lowest reading of the last third against that of the first). On vLLM that is
 glm-serve's own memory (the proxy, its streams, in-process embeddings), not vLLM's child.
 """
@@ -22,7 +22,7 @@ from tests.conftest import engine_env
 from tests.support import ARTIFACTS, running_server
 
 REQUESTS = int(os.environ.get("SOAK_REQUESTS", "1000"))
-# Warm-up rounds until one grows resident memory by under 1% (here the 2nd or 3rd); at most 600 requests.
+# Warm-up rounds until one raises resident memory and its high-water mark by under 1%; at most 600 requests.
 WARMUP_ROUND, WARMUP_ROUNDS = 150, 4
 # A short queue and a small batch, so that 32 clients really overflow it; a small context so that the
 # over-long prompts are refused cheaply.
@@ -32,9 +32,7 @@ SOAK_ENV = {"DTYPE": "float32", "MAX_RUNNING_REQUESTS": "8", "MAX_WAITING_REQUES
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # ~3-4 min on a quiet machine (+1-2 min to start vLLM); a busy one takes longer
-# "vllm" runs with the same body (pytest -k, after adding it here) but is not in the suite yet: glm-serve's ~700 MiB
-# in front of vLLM swing by ~60% with embedding batches, and its floor measured +4.7% once, too near the bar (#17)
-@pytest.mark.parametrize("engine", ["native"])
+@pytest.mark.parametrize("engine", ["native", "vllm"])
 def test_soak_mixed_traffic_with_drops_and_junk(engine):
     with running_server({**SOAK_ENV, **engine_env(engine)}, name=f"soak-{engine}", timeout=900) as srv:
         report = asyncio.run(run_soak(SoakConfig(url=srv.url, requests=REQUESTS, concurrency=32, timeout=120,
@@ -79,6 +77,15 @@ def test_soak_floor_ignores_swings_and_sees_a_leak():
     assert abs(swings.floor_growth_percent()) < 1  # the last reading alone would say +60%
     leak = Report(rss_samples=[(i * 50, 700 + 30 * i) for i in range(9)])
     assert leak.floor_growth_percent() > 20
+
+
+def test_warm_up_ends_when_reading_and_high_water_mark_both_level_off():
+    from bench.soak import plateaued
+
+    assert not plateaued([700], [900], 1.0)  # one round says nothing yet
+    assert plateaued([700, 705], [900, 905], 1.0)
+    assert not plateaued([720, 712], [900, 1000], 1.0)  # a low reading while the working set still grows
+    assert not plateaued([700, 760], [1000, 1000], 1.0)
 
 
 def test_soak_reconciliation_names_what_the_server_did_not_count():
