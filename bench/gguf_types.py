@@ -14,7 +14,8 @@ ENGINE=llamacpp and LLAMACPP_GGUF=<file>, all servers up at once (started as ben
   deterministic, so equal texts give equal ids and the first differing token is found to within one token (a
   merge across the point where the texts part can move it by one);
 - decode speed with bench.serve at each `--concurrency`, the types taking turns level by level for `--rounds`
-  rounds (noise on a shared machine then falls on all of them alike); the median of the rounds is reported.
+  rounds (noise on a shared machine then falls on all of them alike); the median of the rounds is reported, as
+  output tokens/s (bench.serve's: generated tokens over the level's wall time, prefill included) and TPOT p50.
 
 On a random-weight model agreement measures numerical fidelity to f16 (how often rounding the weights flips a
 greedy choice), not answer quality: its greedy margins are not a trained model's.
@@ -256,6 +257,9 @@ def main() -> None:
         rows[kind]["tok_s"] = {str(c): round(percentile([r["metrics"]["output_throughput"] for r in runs
                                                          if r["type"] == kind and r["concurrency"] == c], 50), 1)
                                for c in levels}
+        rows[kind]["tpot_ms_p50"] = {str(c): round(percentile([r["metrics"]["tpot_ms"]["median"] for r in runs
+                                                               if r["type"] == kind and r["concurrency"] == c], 50), 1)
+                                     for c in levels}
     result = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
               "load_start": [round(x, 2) for x in load_start], "load_end": [round(x, 2) for x in os.getloadavg()],
               "seconds": round(time.monotonic() - started), "cpus": os.cpu_count(), "reference": args.reference,
