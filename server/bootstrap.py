@@ -19,7 +19,8 @@ log = logging.getLogger("glm_serve")
 
 def engine_choice(settings: Settings) -> tuple[str, str]:
     """(engine, why): ENGINE=auto picks vLLM when one is configured, else llama.cpp for a .gguf model when it is
-    configured (LLAMA_SERVER) or installed (the llamacpp extra), else our native engine."""
+    configured (LLAMA_SERVER) or installed (the llamacpp extra) and can load its LORA_MODULES, else our native
+    engine."""
     if settings.engine == "native":
         return "native", "ENGINE=native"
     vllm_configured = bool(settings.vllm_url or settings.vllm_python)
@@ -32,12 +33,25 @@ def engine_choice(settings: Settings) -> tuple[str, str]:
         return "llamacpp", "ENGINE=llamacpp"
     if vllm_configured:
         return "vllm", "ENGINE=auto and " + ("VLLM_URL" if settings.vllm_url else "VLLM_PYTHON") + " is set"
-    if resolve_model_path(settings.model_path).endswith(".gguf") and not settings.lora_modules.strip():
+    path = resolve_model_path(settings.model_path)
+    if path.endswith(".gguf") and _llamacpp_takes_lora(settings, path):
         from server.backends.llamacpp.launch import configured_binary
 
         if found := configured_binary(settings):
             return "llamacpp", f"ENGINE=auto, a .gguf model and llama.cpp from {found[1]}"
     return "native", "ENGINE=auto and no vLLM or llama.cpp is configured"
+
+
+def _llamacpp_takes_lora(settings: Settings, gguf: str) -> bool:
+    """No LORA_MODULES, or ones llama.cpp can load: GGUF adapter files, or peft adapters glm-serve converts for
+    the model's architecture (chatglm, llama); others keep ENGINE=auto on the native engine, which serves any."""
+    if not settings.lora_modules.strip():
+        return True
+    from server.backends.llamacpp.lora import convertible
+    from server.backends.native.lora import parse_lora_modules
+
+    paths = parse_lora_modules(settings.lora_modules).values()
+    return all(p.endswith(".gguf") for p in paths) or convertible(gguf)
 
 
 def build_chat(settings: Settings, metrics=None) -> ChatService:

@@ -128,7 +128,8 @@ def test_engine_choice(tmp_path):
     assert "a .gguf model" in why and "LLAMA_SERVER" in why
     assert engine_choice(Settings(**base, llama_server=str(fake), vllm_python="/x/python"))[0] == "vllm"
     assert engine_choice(Settings(**base, llama_server=str(fake), model_path=str(tmp_path)))[0] == "native"
-    assert engine_choice(Settings(**base, llama_server=str(fake), lora_modules="a=/x"))[0] == "native"
+    # LORA_MODULES too: llama.cpp takes peft adapters on the embedded llama-arch GGUF (tests/test_llamacpp_lora.py)
+    assert engine_choice(Settings(**base, llama_server=str(fake), lora_modules="a=/x"))[0] == "llamacpp"
     assert engine_choice(Settings(**base, engine="llamacpp"))[0] == "llamacpp"
 
 

@@ -34,7 +34,8 @@ class LlamaCppBackend:
     label = "llama.cpp"
 
     def __init__(self, supervisor: LlamaSupervisor, *, gguf: str, context_length: int, max_running: int = 16,
-                 max_waiting: int = 64, request_timeout: float = 600.0, summary: dict[str, str] | None = None):
+                 max_waiting: int = 64, request_timeout: float = 600.0, adapters: list[str] | None = None,
+                 summary: dict[str, str] | None = None):
         self.upstream = supervisor
         self.gguf = gguf
         self.context_length = context_length
@@ -45,6 +46,7 @@ class LlamaCppBackend:
         self.vocab: Vocab | None = None
         self.props: dict = {}
         self._summary = dict(summary or {})
+        self._adapter_ids = {name: i for i, name in enumerate(adapters or [])}  # llama-server's --lora order
         self._streams: set[LlamaStream] = set()
         self._ids = itertools.count(1)
         self._tag = uuid.uuid4().hex[:8]
@@ -60,6 +62,7 @@ class LlamaCppBackend:
             self.vocab = await asyncio.to_thread(gguf_vocab, self.gguf)
             await self.upstream.start(self.client)
             self.props = (await self.client.get(self.url("/props"), timeout=30)).json()
+            await self._check_adapters()
         except BaseException:
             await self.upstream.stop()
             await self.client.aclose()
@@ -98,7 +101,26 @@ class LlamaCppBackend:
         to_gbnf(grammar)
 
     def adapter_names(self) -> dict[str, str]:
-        return {}
+        return {name: name for name in self._adapter_ids}
+
+    def lora_field(self, adapter: str | None) -> list[dict] | None:
+        """/completion's `lora` for a request: its adapter at scale 1, every other at 0 (all 0 for the base model),
+        so a slot never keeps the adapters of the request it served before. None when no adapter is loaded."""
+        if not self._adapter_ids:
+            return None
+        chosen = self._adapter_ids.get(adapter) if adapter else None
+        return [{"id": i, "scale": 1.0 if i == chosen else 0.0} for i in self._adapter_ids.values()]
+
+    async def _check_adapters(self) -> None:
+        """llama-server's adapter ids are the --lora order; LLAMACPP_ARGS may add its own after ours."""
+        if not self._adapter_ids:
+            return
+        listed = (await self.client.get(self.url("/lora-adapters"), timeout=30)).json()
+        ours = self.upstream.loras
+        got = [(a.get("id"), a.get("path")) for a in listed[: len(ours)]]
+        if got != list(enumerate(ours)):
+            raise EngineFailure(f"llama-server lists its LoRA adapters as {got}, not the {list(enumerate(ours))} "
+                                "glm-serve started it with.")
 
     def capacity(self) -> Capacity:
         n = len(self._streams)
@@ -113,12 +135,15 @@ class LlamaCppBackend:
         ready = f", ready in {up.ready_seconds:.1f} s" if up.ready_seconds else ""
         install = up.install
         build = f"llama.cpp build {install.version} from {install.source}" if install else "llama.cpp"
-        return [f"engine       {build} (llama-server /completion on token ids), {up.describe()}{ready}",
-                f"model        {self.gguf}   context {self.context_length} tokens" + (
-                    f"   ({s['why_gguf']})" if s.get("why_gguf") else ""),
-                f"batching     {self.max_running} slots decoded together (continuous batching, one shared KV pool),"
-                f" {self.max_waiting} more waiting before 429" + (
-                    f"   LLAMACPP_ARGS {s['args']}" if s.get("args") else "")]
+        lines = [f"engine       {build} (llama-server /completion on token ids), {up.describe()}{ready}",
+                 f"model        {self.gguf}   context {self.context_length} tokens" + (
+                     f"   ({s['why_gguf']})" if s.get("why_gguf") else ""),
+                 f"batching     {self.max_running} slots decoded together (continuous batching, one shared KV pool),"
+                 f" {self.max_waiting} more waiting before 429" + (
+                     f"   LLAMACPP_ARGS {s['args']}" if s.get("args") else "")]
+        if s.get("lora"):  # llama-server decodes together only the slots whose adapter scales are equal
+            lines.append(f"lora         {s['lora']}")
+        return lines
 
     # -- helpers for the streams -------------------------------------------------------------------
     def url(self, path: str) -> str:
@@ -155,7 +180,7 @@ class LlamaCppBackend:
     def _check(self, request: GenerateRequest) -> None:
         if not request.prompt_ids:
             raise EngineError("The prompt is empty: llama.cpp needs at least one token.")
-        if request.adapter:
+        if request.adapter and request.adapter not in self._adapter_ids:
             raise EngineError(f"No LoRA adapter {request.adapter!r} on this server.", param="model",
                               code="model_not_found")
         sampling = request.sampling

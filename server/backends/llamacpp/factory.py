@@ -3,7 +3,7 @@
 llama.cpp loads a GGUF file; our family code needs a Hugging Face folder (tokenizer, chat template, ChatGLM3's
 sentencepiece model). A .gguf MODEL_PATH gives both (the folder is the converted copy every engine uses); a
 folder MODEL_PATH gives the family, and the GGUF is LLAMACPP_GGUF or a copy converted once into CACHE_DIR
-(`python -m server.convert`, f16).
+(`python -m server.convert`, f16). LORA_MODULES' peft adapters become GGUF adapter files beside it (lora.py).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from server.backends.llamacpp.backend import LlamaCppBackend
+from server.backends.llamacpp.lora import gguf_adapters
 from server.backends.llamacpp.supervisor import LlamaSupervisor
 from server.config import Settings, derive_model_name
 from server.errors import ConfigError
@@ -22,10 +23,6 @@ log = logging.getLogger("glm_serve.llamacpp")
 
 def build_llamacpp_backend(settings: Settings, *, model_path: str, adapters: dict[str, str]):
     """(backend, family folder) for the resolved MODEL_PATH."""
-    if adapters:
-        raise ConfigError("LORA_MODULES on ENGINE=llamacpp: llama.cpp applies LoRA only from GGUF adapter files "
-                          "(its convert_lora_to_gguf.py), which glm-serve does not make yet. Serve adapters with "
-                          "ENGINE=native or vllm, or merge one into the model first (python -m server.merge).")
     if settings.quantization != "none":
         raise ConfigError(f"QUANTIZATION={settings.quantization} is bitsandbytes, which llama.cpp does not use: "
                           "serve a quantized GGUF instead (python -m server.convert MODEL OUT.gguf --type q8_0 or "
@@ -39,13 +36,20 @@ def build_llamacpp_backend(settings: Settings, *, model_path: str, adapters: dic
         gguf, why = _converted(model_path, settings), "converted from MODEL_PATH"
     if not Path(gguf).is_file():
         raise ConfigError(f"llama.cpp's GGUF {gguf} does not exist.")
+    loras = gguf_adapters(adapters, base_gguf=gguf, cache_dir=settings.cache_dir)
+    if bad := next((a for a in loras if "," in a.path), None):
+        raise ConfigError(f"LoRA adapter {bad.name!r}: llama-server splits --lora at commas, and {bad.path} has one.")
     context = context_length(folder, settings.max_model_len)
     served = settings.served_model_name or derive_model_name(settings.model_path)
-    supervisor = LlamaSupervisor(settings, gguf=gguf, served_name=served, context=context)
+    supervisor = LlamaSupervisor(settings, gguf=gguf, served_name=served, context=context,
+                                 loras=tuple(a.path for a in loras))
+    summary = {"why_gguf": why, "args": settings.llamacpp_args}
+    if loras:
+        summary["lora"] = ", ".join(f"{a.name} ({'converted: ' if a.converted else ''}{a.path})" for a in loras)
     backend = LlamaCppBackend(supervisor, gguf=gguf, context_length=context,
                               max_running=settings.max_running_requests, max_waiting=settings.max_waiting_requests,
-                              request_timeout=settings.request_timeout,
-                              summary={"why_gguf": why, "args": settings.llamacpp_args})
+                              request_timeout=settings.request_timeout, adapters=[a.name for a in loras],
+                              summary=summary)
     return backend, folder
 
 

@@ -79,7 +79,7 @@ def probe_install(settings: Settings, timeout: float = 30.0) -> LlamaInstall:
 
 
 def llama_argv(settings: Settings, install: LlamaInstall, *, gguf: str, served_name: str, port: int,
-               context: int, api_key: str = "") -> list[str]:
+               context: int, api_key: str = "", loras: tuple[str, ...] = ()) -> list[str]:
     argv = [install.binary,
             "--model", gguf,
             "--alias", served_name,
@@ -94,6 +94,10 @@ def llama_argv(settings: Settings, install: LlamaInstall, *, gguf: str, served_n
             "--kv-unified", "--ctx-size", str(context),
             "--no-webui", "--metrics",
             "--log-prefix", "--log-colors", "off"]  # fmt: skip
+    if loras:
+        # One --lora, comma-separated (a repeated one is deprecated: "only last value will be used"); id i on
+        # /completion is the i-th. No adapter applies unless a request names it (its "lora": wire.completion_body).
+        argv += ["--lora", ",".join(loras), "--lora-init-without-apply"]
     if api_key:  # only glm-serve may talk to it, even from another account on this machine
         argv += ["--api-key", api_key]
     try:

@@ -3,7 +3,8 @@
 The forced-prefix walk, the queue, cancel and the error mapping are the shared EngineStream's. Here: the request,
 ending the sequence on our own stop ids and at max_tokens (both by closing the stream, which makes llama-server
 cancel the slot's task), the ids llama-server held back inside a UTF-8 character (wire.recover_held), and a
-structured output's grammar as GBNF (gbnf.py) with the control tokens that are not stop ids banned.
+structured output's grammar as GBNF (gbnf.py) with the control tokens that are not stop ids banned, and the
+request's LoRA adapter by its scale (the backend's lora_field).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class LlamaStream(EngineStream):
         """One token out of `allowed`, sampled by llama.cpp with the request's own settings (a large logit bias on
         the allowed ids keeps their relative scores and puts every other id out of reach)."""
         body = completion_body(token_ids, self._request.sampling, n_predict=1, stream=False,
-                               context=self._owner.context_length, allowed=allowed)
+                               context=self._owner.context_length, allowed=allowed,
+                               lora=self._owner.lora_field(self._request.adapter))
         response = await self._owner.client.post(self._owner.url(COMPLETION_PATH), content=body, headers=_JSON)
         if response.status_code != 200:
             raise self._owner.http_error(response.status_code, response.content)
@@ -49,7 +51,8 @@ class LlamaStream(EngineStream):
             grammar = to_gbnf(req.grammar)
             banned = tuple(t for t in owner.vocab.control if t not in stops)
         body = completion_body(token_ids, req.sampling, n_predict=max_tokens + margin, stream=True,
-                               context=owner.context_length, grammar=grammar, banned=banned or ())
+                               context=owner.context_length, grammar=grammar, banned=banned or (),
+                               lora=owner.lora_field(req.adapter))
         sent = 0  # ids passed on (held-back ones included once recovered)
         async with owner.client.stream("POST", owner.url(COMPLETION_PATH), content=body, headers=_JSON) as response:
             if response.status_code != 200:

@@ -31,13 +31,14 @@ class LlamaSupervisor(ChildSupervisor):
     timeout_setting = "LLAMACPP_STARTUP_TIMEOUT"
 
     def __init__(self, settings: Settings, *, gguf: str, served_name: str, context: int,
-                 max_restarts: int = MAX_RESTARTS):
+                 max_restarts: int = MAX_RESTARTS, loras: tuple[str, ...] = ()):
         super().__init__(port=0, startup_timeout=settings.llamacpp_startup_timeout, log=log, child_log=child_log,
                          max_restarts=max_restarts)
         self.settings = settings
         self.gguf = gguf
         self.served_name = served_name
         self.context = context
+        self.loras = loras
         self.install: LlamaInstall | None = None
         self.api_key = secrets.token_urlsafe(24)
 
@@ -49,7 +50,7 @@ class LlamaSupervisor(ChildSupervisor):
 
     def argv(self, port: int) -> list[str]:
         return llama_argv(self.settings, self.install, gguf=self.gguf, served_name=self.served_name, port=port,
-                          context=self.context, api_key=self.api_key)
+                          context=self.context, api_key=self.api_key, loras=self.loras)
 
     def shown(self, argv: list[str]) -> list[str]:
         return ["***" if a == self.api_key else a for a in argv]

@@ -39,8 +39,9 @@ FORCE_BIAS = 1000.0  # added to the allowed ids at a forced-prefix branch: every
 
 def completion_body(prompt: list[int], sampling: SamplingParams, *, n_predict: int, stream: bool, context: int,
                     allowed: list[int] | None = None, grammar: str | None = None,
-                    banned: tuple[int, ...] = ()) -> bytes:
-    """`grammar`: GBNF (gbnf.py) the answer must match. `banned`: ids never sampled (a bias of false is -inf)."""
+                    banned: tuple[int, ...] = (), lora: list[dict] | None = None) -> bytes:
+    """`grammar`: GBNF (gbnf.py) the answer must match. `banned`: ids never sampled (a bias of false is -inf).
+    `lora`: [{"id", "scale"}] for every loaded adapter (one unlisted would be 0)."""
     body: dict[str, Any] = {
         "prompt": prompt,
         "n_predict": n_predict,
@@ -75,6 +76,8 @@ def completion_body(prompt: list[int], sampling: SamplingParams, *, n_predict: i
         body["logit_bias"] = entries
     if grammar is not None:
         body["grammar"] = grammar
+    if lora is not None:
+        body["lora"] = lora
     return orjson.dumps(body)
 
 
