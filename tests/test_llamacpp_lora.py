@@ -117,6 +117,17 @@ def test_adapters_are_listed_converted_once_and_started_unapplied(llama):
     assert "lora         law (converted: " in log
 
 
+def test_export_lora_writes_the_file_glm_serve_serves(glm_gguf, adapters, llama, tmp_path):  # noqa: F811
+    from server.backends.llamacpp import export_lora
+
+    _, gguf = glm_gguf
+    paths, _ = adapters
+    out = tmp_path / "law.gguf"
+    export_lora.main([str(gguf), paths["law"], str(out)])
+    (served,) = (llama.cache / "llamacpp-lora").glob("law-*.gguf")
+    assert out.read_bytes() == served.read_bytes()
+
+
 def test_an_unknown_adapter_is_the_native_error(native, llama):
     _, expected = native
     status, body = unknown_model(llama)

@@ -14,6 +14,8 @@ layout:
 Each module's peft scale (alpha/r, rsLoRA, rank and alpha patterns) is folded into B and every module zero-padded
 to one rank R, with alpha = R: llama.cpp's alpha/rank is then exactly 1 for each module (vllm/adapters.one_rank).
 A .gguf path in LORA_MODULES is taken as a llama.cpp adapter already; its architecture must be the model's.
+
+`python -m server.backends.llamacpp.export_lora BASE.gguf ADAPTER OUT.gguf` writes one for a llama.cpp of your own.
 """
 
 from __future__ import annotations
@@ -213,3 +215,4 @@ def write_gguf_adapter(out: Path, arch: str, tensors: dict[str, tuple], *, alpha
     writer.close()
     tmp.rename(out)  # a half-written file is never picked up
     return out
+
