@@ -299,3 +299,26 @@ def test_cancelling_a_request_mid_prefill_aborts_it_and_frees_its_slot():
         scheduler.cancel(a)
     finally:
         scheduler.stop()
+
+
+def test_engine_event_streams_split_on_line_feeds_only():
+    """U+2028, U+2029 and U+0085 are line breaks to str.splitlines (and httpx's aiter_lines) but not to SSE, and
+    JSON leaves them unescaped: a token that is one of them must stay inside its event."""
+    import asyncio
+
+    import httpx
+
+    from server.backends.child.client import split_lines, sse_lines
+
+    assert split_lines('data: {"t":"a\u2028b\x85"}\r\n\ndata: {"t"'.encode()) == (
+        ['data: {"t":"a\u2028b\x85"}', ""], b'data: {"t"')
+    events = 'data: {"t":"\u2029"}\n\ndata: {"t":"你好"}\n\ndata: [DONE]'.encode()
+
+    async def chunks():  # cut everywhere, in the middle of multi-byte characters too
+        for i in range(0, len(events), 3):
+            yield events[i:i + 3]
+
+    async def read():
+        return [line async for line in sse_lines(httpx.Response(200, content=chunks()))]
+
+    assert asyncio.run(read()) == ['data: {"t":"\u2029"}', "", 'data: {"t":"你好"}', "", "data: [DONE]"]

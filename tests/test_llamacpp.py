@@ -197,3 +197,21 @@ def test_chatglm3_as_gguf_gives_the_native_answers(glm_gguf):
         r = client.chat.completions.parse(model="chatglm3-6b", messages=ASK, response_format=Person, temperature=0,
                                           max_tokens=400)
         assert r.choices[0].finish_reason == "stop" and isinstance(r.choices[0].message.parsed, Person)
+
+
+def test_chatglm3_tokens_that_are_line_separators_stream_through(glm_gguf):
+    """ChatGLM3 has a token for each of U+2028, U+2029 and U+0085, which llama-server's JSON leaves unescaped; the
+    engine hop used to read its stream with httpx's aiter_lines, which splits there, and every such answer was a 500
+    (a JSONDecodeError on half an event). /v1/completions, as chat strips whitespace from an answer like THUDM's."""
+    folder, gguf = glm_gguf
+    bias = {"31330": 100, "31178": 100, "31586": 100}  # the random model's logits reach ~90: not every step obeys
+    with running_server({**GLM_ENV, "MODEL_PATH": str(folder), **llamacpp_env(LLAMACPP_GGUF=str(gguf))},
+                        name="glm-gguf-separators") as srv:
+        client = openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0, timeout=300)
+        whole = client.completions.create(model="chatglm3-6b", prompt="hi", max_tokens=6, temperature=0,
+                                          logit_bias=bias)
+        assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 6
+        assert {"\u2028", "\u2029", "\x85"} & set(whole.choices[0].text), whole.choices[0].text
+        streamed = client.completions.create(model="chatglm3-6b", prompt="hi", max_tokens=6, temperature=0,
+                                             logit_bias=bias, stream=True)
+        assert "".join(c.choices[0].text for c in streamed if c.choices) == whole.choices[0].text

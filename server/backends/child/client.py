@@ -11,6 +11,7 @@ server is closing.
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 
 import httpx
 
@@ -28,3 +29,22 @@ def engine_client(*, read_timeout: float, running: int, waiting: int, headers: d
                             keepalive_expiry=KEEPALIVE_EXPIRY),
         headers=headers,
     )
+
+
+def split_lines(buffer: bytes) -> tuple[list[str], bytes]:
+    """The complete lines in `buffer` (split on line feeds only, a trailing CR dropped) and what is left over."""
+    *lines, rest = buffer.split(b"\n")
+    return [line.removesuffix(b"\r").decode("utf-8") for line in lines], rest
+
+
+async def sse_lines(response: httpx.Response) -> AsyncIterator[str]:
+    """An engine's event stream, line by line. Not httpx's aiter_lines: that splits as str.splitlines does, on
+    U+0085, U+2028 and U+2029 too, which JSON leaves unescaped in a string, so a token that is one of them (ChatGLM3
+    has a token for each) cut its event in two and the sequence failed on a JSONDecodeError."""
+    rest = b""
+    async for chunk in response.aiter_bytes():
+        lines, rest = split_lines(rest + chunk)
+        for line in lines:
+            yield line
+    if rest:
+        yield rest.removesuffix(b"\r").decode("utf-8")

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from server.backends.base import TokenChunk
+from server.backends.child.client import sse_lines
 from server.backends.child.stream import EngineStream, UpstreamError
 from server.backends.llamacpp.gbnf import to_gbnf
 from server.backends.llamacpp.wire import COMPLETION_PATH, HOLD_MARGIN, completion_body, parse_event, recover_held
@@ -57,7 +58,7 @@ class LlamaStream(EngineStream):
         async with owner.client.stream("POST", owner.url(COMPLETION_PATH), content=body, headers=_JSON) as response:
             if response.status_code != 200:
                 raise owner.http_error(response.status_code, await response.aread())
-            async for line in response.aiter_lines():
+            async for line in sse_lines(response):
                 event = parse_event(line)
                 if event is None:
                     continue

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from server.backends.base import GenerateRequest
+from server.backends.child.client import sse_lines
 from server.backends.child.stream import EngineStream
 from server.backends.vllm.wire import (
     GENERATE_PATH,
@@ -66,7 +67,7 @@ class VLLMStream(EngineStream):
             if response.status_code != 200:
                 raise self._owner.http_error(response.status_code, await response.aread())
             finished = False
-            async for line in response.aiter_lines():
+            async for line in sse_lines(response):
                 chunk = parse_event(line, req.sampling.logprobs)
                 if chunk is not None and not finished:
                     self._put(chunk)
