@@ -43,6 +43,7 @@ from bench.common import (  # noqa: E402
     pick_chat_model,
     poisson_delays,
 )
+from server.backends.child.client import sse_lines  # noqa: E402  (not aiter_lines: it splits inside a JSON string)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,7 +131,7 @@ async def _stream_request(
                 res.error = raw.decode("utf-8", "replace").strip()[:500] or resp.reason_phrase
                 res.e2e = time.perf_counter() - start
                 return res
-            async for line in resp.aiter_lines():
+            async for line in sse_lines(resp):
                 try:
                     event = parse_sse_line(line)
                 except ValueError as exc:

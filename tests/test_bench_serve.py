@@ -55,6 +55,14 @@ def test_stream_without_usage_counts_chunks():
     assert res.success and res.output_tokens == 2 and not res.usage_reported
 
 
+def test_line_separators_inside_a_chunk_stay_in_it():
+    # raw, as orjson writes them: str.splitlines (and httpx's aiter_lines) would cut these events in two
+    body = "".join(f'data: {{"choices": [{{"index": 0, "delta": {{"content": "{c}"}}}}]}}\n\n'
+                   for c in ("a\u2028", "\u2029", "\x85b")).encode() + b"data: [DONE]\n\n"
+    res = _run(lambda request: httpx.Response(200, content=body))
+    assert res.success and res.chunks == 3, res.error
+
+
 def test_failures():
     res = _run(lambda request: httpx.Response(429, json={"error": {"message": "busy"}}))
     assert not res.success and res.status == 429 and "busy" in res.error
