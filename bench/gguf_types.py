@@ -167,7 +167,8 @@ def speed(port: int, level: int, prompts: int, args) -> dict:
     serve_args = build_parser().parse_args([
         "--base-url", f"http://127.0.0.1:{port}/v1", "--model", NAME, "--max-concurrency", str(level),
         "--num-prompts", str(prompts), "--input-len", str(args.input_len), "--output-len", str(args.output_len),
-        "--seed", str(level), "--disable-tqdm"])
+        "--seed", str(level), "--disable-tqdm", *(["--extra-body", json.dumps({"top_k": args.top_k})]
+                                                  if args.top_k is not None else [])])
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         m = asyncio.run(main_async(serve_args))[0]["metrics"]
     if m["failed"]:
@@ -196,6 +197,8 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=64, help="max_tokens of a speed request")
     ap.add_argument("--agree-tokens", type=int, default=32, help="max_tokens of a hold-out answer")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--top-k", type=int, help="top_k of the speed requests (greedy either way); unset: none sent, "
+                    "which glm-serve passes to llama.cpp as top_k 0, a sort of the whole vocabulary per token")
     ap.add_argument("--llama-server", default=str(REPO / "build" / "llama.cpp" / "bin" / "llama-server"))
     ap.add_argument("--startup-timeout", type=float, default=300)
     ap.add_argument("--port", type=int, default=6330, help="the first server's port; the others take the next ones")
@@ -268,7 +271,7 @@ def main() -> None:
                                                    "padded_vocab_size")},
               "holdout_prompts": len(HOLDOUT), "agree_tokens": args.agree_tokens,
               "speed": {"concurrency": levels, "num_prompts": prompts, "rounds": args.rounds,
-                        "input_len_words": args.input_len, "output_len": args.output_len},
+                        "input_len_words": args.input_len, "output_len": args.output_len, "top_k": args.top_k},
               "types": list(rows.values()), "runs": runs}
     print()
     print(table(result))
