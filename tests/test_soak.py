@@ -3,8 +3,8 @@ the native engine and on vLLM (--enforce-eager).
 
 No hangs, no 5xx, every refusal an OpenAI error (429s with Retry-After, and they must really happen), the server's
 /metrics count every request once by the status its client saw, and resident memory, measured from a warm plateau
-(warm-up rounds until a round raises neither it nor its high-water mark by 1%), has a floor that grows by under 5% over the 1000 requests
-(the lowest reading of the last third against that of the first). On vLLM that is
+(warm-up rounds until a round raises neither it nor its high-water mark by 1%), has a floor that grows by under 5%
+over the 1000 requests (the lowest reading of the last third against that of the first). On vLLM that is
 glm-serve's own memory (the proxy, its streams, in-process embeddings), not vLLM's child.
 """
 
