@@ -93,6 +93,23 @@ def test_completion_body_sets_every_sampler():
     assert constrained["logit_bias"] == [[7, 5.0], [3, False], [0, False]]
 
 
+@pytest.mark.parametrize(("temperature", "seed", "reuse"), [(0.7, None, True), (0.0, None, False), (0.7, 3, False)])
+def test_only_an_unreproducible_answer_reuses_the_slots_kv(temperature, seed, reuse):
+    # reused KV gives logits a little off a whole prefill: greedy and seeded answers must not depend on the slot
+    body = orjson.loads(completion_body([1], SamplingParams(temperature=temperature, seed=seed), n_predict=1,
+                                        stream=True, context=8))
+    assert body["cache_prompt"] is reuse
+
+
+def test_greedy_keeps_one_candidate():
+    # the same argmax as top-k off, without llama.cpp sorting the whole vocabulary for every token
+    greedy = orjson.loads(completion_body([1], SamplingParams(temperature=0.0, top_k=0), n_predict=1, stream=True,
+                                          context=8))
+    sampled = orjson.loads(completion_body([1], SamplingParams(temperature=0.5, top_k=0), n_predict=1, stream=True,
+                                           context=8))
+    assert (greedy["top_k"], sampled["top_k"]) == (1, 0)
+
+
 def test_control_tokens_are_known_for_the_grammar_bans(smol_vocab, smol_tokenizer):
     """llama.cpp's grammar reads a control token as its text ("<|im_start|>" fits inside a JSON string): the backend
     bans those that are not stop ids while a grammar runs, as the native matcher never allows them there."""
