@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
+import orjson
 
 KEEPALIVE_EXPIRY = 2.0  # seconds; under the engines' 5 s server-side keep-alive, with room for a busy loop
 
@@ -48,3 +50,25 @@ async def sse_lines(response: httpx.Response) -> AsyncIterator[str]:
             yield line
     if rest:
         yield rest.removesuffix(b"\r").decode("utf-8")
+
+
+def error_message(payload: Any) -> str:
+    """The message of an engine's error JSON: {"error": {"message": ...}} (vLLM, llama-server), {"error": "..."}, or
+    FastAPI's {"detail": ...}."""
+    if isinstance(payload, dict):
+        err = payload.get("error")
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+        if isinstance(err, str) and err:
+            return err
+        if payload.get("detail"):
+            return str(payload["detail"])
+    return str(payload)[:500]
+
+
+def error_text(body: bytes) -> str:
+    """An engine's HTTP error body as a message: its error JSON's, else the start of the body."""
+    try:
+        return error_message(orjson.loads(body))
+    except orjson.JSONDecodeError:
+        return body[:300].decode("utf-8", "replace")

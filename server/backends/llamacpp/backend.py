@@ -1,56 +1,44 @@
 """LlamaCppBackend: the token-level Backend over llama.cpp's llama-server, our supervised child.
 
-Admission is ours, as on the other engines: MAX_RUNNING_REQUESTS + MAX_WAITING_REQUESTS sequences in flight, then
-EngineOverloaded (429) before any byte; llama-server decodes MAX_RUNNING_REQUESTS of them at once (one slot each,
-continuous batching) and queues the rest. Cancelling a sequence closes its HTTP stream: llama-server then cancels
-the slot's task (it has no abort-by-id call).
+Admission, health and failing streams are child.backend's; llama-server decodes MAX_RUNNING_REQUESTS sequences at
+once (one slot each, continuous batching) and queues the rest. Cancelling a sequence closes its HTTP stream:
+llama-server then cancels the slot's task (it has no abort-by-id call).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import uuid
 
-import httpx
-import orjson
-
-from server.backends.base import Capacity, GenerateRequest
-from server.backends.child.client import engine_client
+from server.backends.base import GenerateRequest
+from server.backends.child.backend import ChildBackend
+from server.backends.child.client import engine_client, error_text
 from server.backends.llamacpp.gbnf import to_gbnf
 from server.backends.llamacpp.stream import LlamaStream
 from server.backends.llamacpp.supervisor import LlamaSupervisor
-from server.backends.llamacpp.wire import Vocab, error_message, gguf_vocab
-from server.errors import EngineError, EngineFailure, EngineOverloaded, EngineUnavailable
+from server.backends.llamacpp.wire import Vocab, gguf_vocab
+from server.errors import EngineError, EngineFailure, EngineUnavailable
 
 log = logging.getLogger("glm_serve.llamacpp")
 
-RESTART_RETRY_AFTER = 15.0  # seconds a client is told to wait while llama-server restarts (seconds for small models)
 
-
-class LlamaCppBackend:
+class LlamaCppBackend(ChildBackend):
     name = "llamacpp"
     label = "llama.cpp"
+    server_name = "llama-server"
+    retry_after = 15.0  # seconds a client is told to wait while llama-server restarts (seconds for small models)
 
     def __init__(self, supervisor: LlamaSupervisor, *, gguf: str, context_length: int, max_running: int = 16,
                  max_waiting: int = 64, request_timeout: float = 600.0, adapters: list[str] | None = None,
                  summary: dict[str, str] | None = None):
-        self.upstream = supervisor
+        super().__init__(supervisor, max_running=max_running, max_waiting=max_waiting,
+                         request_timeout=request_timeout)
         self.gguf = gguf
         self.context_length = context_length
-        self.max_running = max_running
-        self.max_waiting = max_waiting
-        self.read_timeout = request_timeout
-        self.client: httpx.AsyncClient | None = None
         self.vocab: Vocab | None = None
         self.props: dict = {}
         self._summary = dict(summary or {})
         self._adapter_ids = {name: i for i, name in enumerate(adapters or [])}  # llama-server's --lora order
-        self._streams: set[LlamaStream] = set()
-        self._ids = itertools.count(1)
-        self._tag = uuid.uuid4().hex[:8]
-        self._started = False
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -84,15 +72,9 @@ class LlamaCppBackend:
 
     # -- the seam ----------------------------------------------------------------------------------
     def generate(self, request: GenerateRequest) -> LlamaStream:
-        if reason := self.health():
-            raise EngineUnavailable(reason, retry_after=RESTART_RETRY_AFTER)
-        if len(self._streams) >= self.max_running + self.max_waiting:
-            raise EngineOverloaded(f"The server is at capacity ({self.max_running} running and "
-                                   f"{self.max_waiting} waiting requests); retry shortly.")
+        upstream_id = self._admit(request)
         self._check(request)
-        stream = LlamaStream(self, request, f"{request.request_id or 'seq'}-{self._tag}{next(self._ids)}")
-        self._streams.add(stream)
-        return stream
+        return self._track(LlamaStream(self, request, upstream_id))
 
     def prepare_grammar(self, grammar: str) -> None:
         """Our grammar (xgrammar EBNF) as llama.cpp's GBNF, translated and cached before anything is queued: what
@@ -122,14 +104,6 @@ class LlamaCppBackend:
             raise EngineFailure(f"llama-server lists its LoRA adapters as {got}, not the {list(enumerate(ours))} "
                                 "glm-serve started it with.")
 
-    def capacity(self) -> Capacity:
-        n = len(self._streams)
-        return Capacity(running=min(n, self.max_running), waiting=max(0, n - self.max_running),
-                        max_running=self.max_running, max_waiting=self.max_waiting)
-
-    def health(self) -> str | None:
-        return self.upstream.down_reason() if self._started else "llama.cpp is not started"
-
     def describe(self) -> list[str]:
         up, s = self.upstream, self._summary
         ready = f", ready in {up.ready_seconds:.1f} s" if up.ready_seconds else ""
@@ -145,36 +119,18 @@ class LlamaCppBackend:
             lines.append(f"lora         {s['lora']}")
         return lines
 
-    # -- helpers for the streams -------------------------------------------------------------------
-    def url(self, path: str) -> str:
-        return f"{self.upstream.base_url}{path}"
-
-    def _release(self, stream: LlamaStream) -> None:
-        self._streams.discard(stream)
-
+    # -- what the streams call ---------------------------------------------------------------------
     def _abort_later(self, upstream_id: str) -> None:
         """Nothing to post: closing the stream (the task is cancelled) is llama-server's abort."""
 
-    def _fail_all(self, reason: str) -> None:
-        for stream in list(self._streams):
-            stream.fail(EngineUnavailable(reason, retry_after=RESTART_RETRY_AFTER))
-
-    def connection_lost(self, exc: BaseException) -> EngineUnavailable:
-        down = self.upstream.down_reason()
-        why = down or f"lost the connection to llama-server at {self.upstream.base_url} ({type(exc).__name__}: {exc})"
-        return EngineUnavailable(why, retry_after=RESTART_RETRY_AFTER)
-
     def http_error(self, status: int, body: bytes) -> EngineError:
-        try:
-            message = error_message(orjson.loads(body))
-        except orjson.JSONDecodeError:
-            message = body[:300].decode("utf-8", "replace")
+        message = error_text(body)
         if status == 400 and "grammar" in message:  # gbnf.py should never let one through; a 400 all the same
             return EngineError(f"llama.cpp refused the structured-output grammar: {message}", code="invalid_schema")
         if status == 400:
             return EngineError(f"llama.cpp refused the request: {message}")
         if status == 503:
-            return EngineUnavailable(f"llama-server is not serving: {message}", retry_after=RESTART_RETRY_AFTER)
+            return EngineUnavailable(f"llama-server is not serving: {message}", retry_after=self.retry_after)
         return EngineFailure(f"llama-server answered {status}: {message}")
 
     def _check(self, request: GenerateRequest) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 
 import orjson
 
+from server.backends.child.client import error_message
 from server.backends.child.stream import UpstreamError
 from server.types import SamplingParams
 
@@ -98,14 +99,6 @@ def parse_event(line: str) -> dict | None:
     return event
 
 
-def error_message(payload: Any) -> str:
-    if isinstance(payload, dict):
-        err = payload.get("error")
-        if isinstance(err, dict) and err.get("message"):
-            return str(err["message"])
-        if isinstance(err, str):
-            return err
-    return str(payload)[:500]
 
 
 # -- ids llama-server held back ---------------------------------------------------------------------------------

@@ -1,37 +1,34 @@
 """VLLMBackend: the token-level Backend over a vLLM server in --tokens-only mode (ours or someone else's).
 
 The upstream (supervisor.Supervisor in launch mode, remote.Remote in connect mode) says where vLLM is and whether
-it is up; this class admits sequences, speaks HTTP through one pooled client and maps failures to our errors.
-Admission is ours: MAX_RUNNING_REQUESTS + MAX_WAITING_REQUESTS sequences in flight, then EngineOverloaded (429)
-before any byte, as on the native engine; vLLM queues what exceeds its --max-num-seqs.
+it is up; this class speaks HTTP to it through one pooled client and maps vLLM's failures to our errors.
+Admission, health and failing streams are child.backend's; vLLM queues what exceeds its --max-num-seqs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
-import uuid
 
 import httpx
-import orjson
 
-from server.backends.base import Capacity, GenerateRequest
-from server.backends.child.client import engine_client
+from server.backends.base import GenerateRequest
+from server.backends.child.backend import ChildBackend
+from server.backends.child.client import engine_client, error_text
 from server.backends.vllm.probe import ServerInfo, running_requests, server_info
 from server.backends.vllm.stream import VLLMStream
-from server.backends.vllm.wire import ABORT_PATH, UPSTREAM_ID_PREFIX, error_message
+from server.backends.vllm.wire import ABORT_PATH, UPSTREAM_ID_PREFIX
 from server.errors import ConfigError, EngineError, EngineFailure, EngineOverloaded, EngineUnavailable
 
 log = logging.getLogger("glm_serve.vllm")
 
-RESTART_RETRY_AFTER = 30.0  # seconds a client is told to wait while vLLM is down (a restart takes ~1 min)
 
-
-class VLLMBackend:
+class VLLMBackend(ChildBackend):
     name = "vllm"
-    label = "vLLM"  # how stream errors name it
+    label = "vLLM"
+    server_name = "vLLM"
+    retry_after = 30.0  # seconds a client is told to wait while vLLM is down (a restart takes ~1 min)
 
     def __init__(
         self,
@@ -46,21 +43,13 @@ class VLLMBackend:
         summary: dict[str, str] | None = None,
         api_key: str = "",
     ):
-        self.upstream = upstream
+        super().__init__(upstream, max_running=max_running, max_waiting=max_waiting, request_timeout=request_timeout)
         self.context_length = context_length  # from config.json until vLLM tells its own max_model_len
-        self.max_running = max_running
-        self.max_waiting = max_waiting
-        self.read_timeout = request_timeout
         self.vocab_size = vocab_size
         self.info: ServerInfo | None = None
-        self.client: httpx.AsyncClient | None = None
         self._adapters = dict(adapters or {})  # served model id -> vLLM's adapter name
         self._summary = dict(summary or {})
-        self._streams: set[VLLMStream] = set()
         self._aborts: set[asyncio.Task] = set()
-        self._ids = itertools.count(1)
-        self._tag = uuid.uuid4().hex[:8]  # upstream ids stay unique when several glm-serve share one vLLM
-        self._started = False
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}  # a vLLM started with --api-key
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -100,11 +89,7 @@ class VLLMBackend:
 
     # -- the seam ----------------------------------------------------------------------------------
     def generate(self, request: GenerateRequest) -> VLLMStream:
-        if reason := self.health():
-            raise EngineUnavailable(reason, retry_after=RESTART_RETRY_AFTER)
-        if len(self._streams) >= self.max_running + self.max_waiting:
-            raise EngineOverloaded(f"The server is at capacity ({self.max_running} running and "
-                                   f"{self.max_waiting} waiting requests); retry shortly.")
+        upstream_id = self._admit(request)
         self._check_ids(request)
         model = None
         if request.adapter:
@@ -112,9 +97,7 @@ class VLLMBackend:
                 raise EngineError(f"No LoRA adapter {request.adapter!r} on this server.", param="model",
                                   code="model_not_found")
             model = self._adapters[request.adapter]
-        stream = VLLMStream(self, request, f"{request.request_id or 'seq'}-{self._tag}{next(self._ids)}", model)
-        self._streams.add(stream)
-        return stream
+        return self._track(VLLMStream(self, request, upstream_id, model))
 
     def prepare_grammar(self, grammar: str) -> None:
         # vLLM compiles it (asynchronously, with its own cache); glm-serve has checked the schema already.
@@ -126,15 +109,6 @@ class VLLMBackend:
 
     def adapter_names(self) -> dict[str, str]:
         return dict(self._adapters)
-
-    def capacity(self) -> Capacity:
-        n = len(self._streams)
-        return Capacity(running=min(n, self.max_running), waiting=max(0, n - self.max_running),
-                        max_running=self.max_running, max_waiting=self.max_waiting)
-        # (vLLM preallocates its whole KV pool: its size is in describe(), not in the "held by the batch" gauge)
-
-    def health(self) -> str | None:
-        return self.upstream.down_reason() if self._started else "vLLM is not started"
 
     def describe(self) -> list[str]:
         info, up, s = self.info, self.upstream, self._summary
@@ -150,13 +124,7 @@ class VLLMBackend:
             lines.append(f"lora         {s.get('lora') or ', '.join(self._adapters)}")
         return lines
 
-    # -- helpers for the streams -------------------------------------------------------------------
-    def url(self, path: str) -> str:
-        return f"{self.upstream.base_url}{path}"
-
-    def _release(self, stream: VLLMStream) -> None:
-        self._streams.discard(stream)
-
+    # -- what the streams call ---------------------------------------------------------------------
     def _abort_later(self, upstream_id: str) -> None:
         """POST abort_requests in the background (cancel() must not await)."""
         if self.client is None or self.client.is_closed:
@@ -170,26 +138,14 @@ class VLLMBackend:
             await self.client.post(self.url(ABORT_PATH), json={"request_ids": [UPSTREAM_ID_PREFIX + upstream_id]},
                                    timeout=5.0)
 
-    def _fail_all(self, reason: str) -> None:
-        for stream in list(self._streams):
-            stream.fail(EngineUnavailable(reason, retry_after=RESTART_RETRY_AFTER))
-
-    def connection_lost(self, exc: BaseException) -> EngineUnavailable:
-        down = self.upstream.down_reason()
-        why = down or f"lost the connection to vLLM at {self.upstream.base_url} ({type(exc).__name__}: {exc})"
-        return EngineUnavailable(why, retry_after=RESTART_RETRY_AFTER)
-
     def http_error(self, status: int, body: bytes) -> EngineError:
-        try:
-            message = error_message(orjson.loads(body))
-        except orjson.JSONDecodeError:
-            message = body[:300].decode("utf-8", "replace")
+        message = error_text(body)
         if status == 400:
             return EngineError(f"vLLM refused the request: {message}")
         if status == 429:
             return EngineOverloaded(f"vLLM is at capacity: {message}")
         if status == 503 or "EngineCore" in message or "EngineDead" in message:
-            return EngineUnavailable(f"vLLM is not serving: {message}", retry_after=RESTART_RETRY_AFTER)
+            return EngineUnavailable(f"vLLM is not serving: {message}", retry_after=self.retry_after)
         return EngineFailure(f"vLLM answered {status}: {message}")
 
     def _check_ids(self, request: GenerateRequest) -> None:

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from server.backends.vllm.wire import GENERATE_PATH, error_message
+from server.backends.child.client import error_message
+from server.backends.vllm.wire import GENERATE_PATH
 from server.errors import ConfigError
 
 log = logging.getLogger("glm_serve.vllm")

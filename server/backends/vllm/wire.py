@@ -28,6 +28,7 @@ from typing import Any
 import orjson
 
 from server.backends.base import BackendFinish, StepLogprobs, TokenChunk
+from server.backends.child.client import error_message
 from server.backends.child.stream import UpstreamError
 from server.types import SamplingParams
 
@@ -125,12 +126,3 @@ def step_logprobs(entry: dict[str, Any], k: int) -> StepLogprobs:
     return StepLogprobs(entry["logprob"], top[:k])
 
 
-def error_message(payload: Any) -> str:
-    """The message of vLLM's error JSON ({"error": {"message": ...}}, or FastAPI's {"detail": ...})."""
-    if isinstance(payload, dict):
-        err = payload.get("error")
-        if isinstance(err, dict) and err.get("message"):
-            return str(err["message"])
-        if payload.get("detail"):
-            return str(payload["detail"])
-    return str(payload)[:500]
