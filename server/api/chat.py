@@ -14,7 +14,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.completion_usage import CompletionUsage
 from sse_starlette.sse import EventSourceResponse
 
-from server.api.deps import adapter_for, chat_engine, release, until_disconnected
+from server.api.deps import Merged, adapter_for, chat_engine, queue_all, release, until_disconnected
 from server.api.errors import APIError
 from server.api.protocol import ChatCompletionRequest, ChatMessage, ResponseFormat
 from server.errors import EngineError
@@ -32,14 +32,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     prepared = await asyncio.to_thread(engine.prepare_choices, choices)
     meta = _Meta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model or engine.models()[0].id,
                  legacy=bool(body.functions) and not body.tools)
-    streams = []
-    try:
-        for p in prepared:
-            streams.append(engine.chat(p))  # queues now: overload is a 429 before anything streams
-    except EngineError:
-        for s in streams:
-            await s.aclose()
-        raise
+    streams = await queue_all(engine, prepared)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return EventSourceResponse(_sse(meta, streams, prepared[0].prompt_tokens, include_usage),
@@ -233,24 +226,13 @@ def _delta_for(meta: _Meta, event) -> dict:
 
 async def _sse(meta: _Meta, streams: list[AsyncIterator], prompt_tokens: int, include_usage: bool):
     """Merges the choices' event streams into OpenAI chunks; closing it cancels every choice."""
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(index: int, stream: AsyncIterator):
-        try:
-            async for event in stream:
-                await queue.put((index, event))
-        except EngineError as exc:
-            await queue.put((index, exc))
-        except Exception as exc:  # keep the other choices and the connection alive; report in-band
-            await queue.put((index, EngineError(f"Generation failed: {exc}")))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    choices = Merged(streams)
     try:
         for i in range(len(streams)):
             yield {"data": _chunk(meta, [{"index": i, "delta": {"role": "assistant", "content": ""}}])}
         done, completion_tokens = 0, 0
         while done < len(streams):
-            index, event = await queue.get()
+            index, event = await choices.get()
             if isinstance(event, EngineError):
                 yield {"data": json.dumps(APIError.from_engine(event).body(), ensure_ascii=False)}
                 return
@@ -274,4 +256,4 @@ async def _sse(meta: _Meta, streams: list[AsyncIterator], prompt_tokens: int, in
             yield {"data": _chunk(meta, [], usage)}
         yield {"data": "[DONE]"}
     finally:
-        await release(streams, tasks)  # also when the client went away (a cancellation)
+        await choices.aclose()  # also when the client went away (a cancellation)

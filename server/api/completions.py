@@ -18,7 +18,7 @@ from openai.types.completion_usage import CompletionUsage
 from sse_starlette.sse import EventSourceResponse
 
 from server.api.chat import sampling_for
-from server.api.deps import adapter_for, chat_engine, release, until_disconnected
+from server.api.deps import Merged, adapter_for, chat_engine, queue_all, release, until_disconnected
 from server.api.errors import APIError
 from server.api.protocol import CompletionRequest as CompletionBody
 from server.errors import EngineError
@@ -39,14 +39,7 @@ async def create_completion(body: CompletionBody, request: Request):
     meta = _Meta(f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model or engine.models()[0].id)
     n = body.n or 1
     echo = [echoes[i // n] if body.echo else "" for i in range(len(prepared))]
-    streams = []
-    try:
-        for p in prepared:
-            streams.append(engine.chat(p))  # queues now: overload is a 429 before anything streams
-    except EngineError:
-        for s in streams:
-            await s.aclose()
-        raise
+    streams = await queue_all(engine, prepared)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return EventSourceResponse(_sse(meta, streams, echo, prompt_tokens, include_usage), ping=15)
@@ -156,26 +149,15 @@ def _chunk(meta: _Meta, choices: list[dict], usage: CompletionUsage | None = Non
 
 async def _sse(meta: _Meta, streams: list, echo: list[str], prompt_tokens: int, include_usage: bool):
     """Merges the choices' event streams into text_completion chunks; closing it cancels every choice."""
-    queue: asyncio.Queue = asyncio.Queue()
     offsets = [len(e) for e in echo]  # text_offset counts from the start of the returned text
-
-    async def pump(index: int, stream):
-        try:
-            async for event in stream:
-                await queue.put((index, event))
-        except EngineError as exc:
-            await queue.put((index, exc))
-        except Exception as exc:  # keep the other choices and the connection alive; report in-band
-            await queue.put((index, EngineError(f"Generation failed: {exc}")))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    choices = Merged(streams)
     try:
         for i, text in enumerate(echo):
             if text:
                 yield {"data": _chunk(meta, [{"index": i, "text": text, "logprobs": None, "finish_reason": None}])}
         done, completion_tokens = 0, 0
         while done < len(streams):
-            index, event = await queue.get()
+            index, event = await choices.get()
             if isinstance(event, EngineError):
                 yield {"data": json.dumps(APIError.from_engine(event).body(), ensure_ascii=False)}
                 return
@@ -194,4 +176,4 @@ async def _sse(meta: _Meta, streams: list, echo: list[str], prompt_tokens: int, 
             yield {"data": _chunk(meta, [], _usage(prompt_tokens, completion_tokens))}
         yield {"data": "[DONE]"}
     finally:
-        await release(streams, tasks)  # also when the client went away (a cancellation)
+        await choices.aclose()  # also when the client went away (a cancellation)

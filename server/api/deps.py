@@ -11,6 +11,7 @@ import anyio
 from fastapi import Request
 
 from server.api.errors import APIError
+from server.errors import EngineError
 
 T = TypeVar("T")
 
@@ -40,6 +41,46 @@ def embedder(request: Request):
         raise APIError(503, "The embedding model is still loading. Retry in a few seconds.",
                        code="model_loading", headers={"Retry-After": "5"})
     return emb
+
+
+async def queue_all(engine, prepared: Iterable) -> list:
+    """The engine streams of a request's prepared choices, all queued now, so that overload is a 429 before anything
+    streams; when one is refused, those already queued are freed before the error goes out."""
+    streams = []
+    try:
+        for p in prepared:
+            streams.append(engine.chat(p))
+    except EngineError:
+        for s in streams:
+            await s.aclose()
+        raise
+    return streams
+
+
+class Merged:
+    """The events of a request's n choices as they come, each with its choice's index. A choice whose engine stream
+    fails arrives as an EngineError event, in band, so the other choices and the connection stay alive until the
+    caller reports it. Closing frees every choice's engine slot."""
+
+    def __init__(self, streams: list):
+        self._streams = streams
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._tasks = [asyncio.create_task(self._pump(i, s)) for i, s in enumerate(streams)]
+
+    async def _pump(self, index: int, stream) -> None:
+        try:
+            async for event in stream:
+                await self._queue.put((index, event))
+        except EngineError as exc:
+            await self._queue.put((index, exc))
+        except Exception as exc:  # noqa: BLE001 - reported in band, never lost
+            await self._queue.put((index, EngineError(f"Generation failed: {exc}")))
+
+    async def get(self) -> tuple[int, object]:
+        return await self._queue.get()
+
+    async def aclose(self) -> None:
+        await release(self._streams, self._tasks)
 
 
 async def until_disconnected(request: Request, work: Awaitable[T], poll: float = 0.25) -> T:
