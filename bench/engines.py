@@ -104,7 +104,9 @@ def measure(label: str, port: int, level: int, prompts: int, rnd: int, args, out
     subprocess.run([sys.executable, "-m", "bench.serve", "--base-url", f"http://127.0.0.1:{port}/v1", "--model", NAME,
                     "--max-concurrency", str(level), "--num-prompts", str(prompts), "--input-len",
                     str(args.input_len), "--output-len", str(args.output_len), "--temperature", str(args.temperature),
-                    "--label", label, "--result-json",
+                    # new prompts for each round and level, the same for every server: a server that caches prompts
+                    # (llama-server's slots, vLLM's prefix cache) must not find the last round's whole prompts again
+                    "--seed", str(rnd * 1000 + level), "--label", label, "--result-json",
                     str(out), "--disable-tqdm"], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     run = json.loads(out.read_text())[0]
     run.update(round=rnd, load_before=round(load, 2), load_after=round(os.getloadavg()[0], 2))
@@ -162,7 +164,7 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=100, help="words per prompt (~134 tokens with the template)")
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0,
-                    help="above 0, glm-serve lets llama-server reuse a slot's KV for a common prefix (greedy: not)")
+                    help="of every request (0: greedy)")
     ap.add_argument("--rounds", type=int, default=2, help="each level is measured this often per server, interleaved")
     ap.add_argument("--max-running", type=int, default=32, help="MAX_RUNNING_REQUESTS / --max-num-seqs")
     ap.add_argument("--vllm-python", default=str(REPO / ".venv-vllm" / "bin" / "python"))
