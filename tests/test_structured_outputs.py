@@ -181,11 +181,7 @@ def test_forced_tool_calls_are_json_that_validates(engine_client):
 def test_langchain_with_structured_output(engine_server):
     from langchain_openai import ChatOpenAI
 
-    # seed: on llama.cpp a greedy answer otherwise depends on what the slot held before (cache_prompt reuses its KV,
-    # logits a little off a whole prefill), and in the full suite's order SmolLM2 then looped inside a JSON string
-    # until max_tokens; a seeded request prefills whole, as on the other engines
-    llm = ChatOpenAI(base_url=engine_server.base_url, api_key="sk-test", model=SMOL, temperature=0, max_tokens=300,
-                     seed=0)
+    llm = ChatOpenAI(base_url=engine_server.base_url, api_key="sk-test", model=SMOL, temperature=0, max_tokens=300)
     question = "Make up a person and give their details."
     assert isinstance(llm.with_structured_output(Person, method="json_schema").invoke(question), Person)
     assert isinstance(llm.with_structured_output(Person, method="function_calling").invoke(question), Person)

@@ -48,12 +48,12 @@ def completion_body(prompt: list[int], sampling: SamplingParams, *, n_predict: i
         "n_predict": n_predict,
         "stream": stream,
         "return_tokens": True,
-        # Reuse the slot's KV for the prompt's common prefix (llama-server's default): 0.86x -> 1.16x raw
-        # llama-server at 16 streams; greedy requests prefilling whole measured 0.80x (bench.engines). Reused KV
-        # gives logits a little off a whole-prompt prefill (llama.cpp's kernels depend on the batch size), so a
-        # seeded request, one that asks for reproducibility, prefills whole: it gets the same answer whatever the
-        # slot held before.
-        "cache_prompt": sampling.seed is None,
+        # Reuse the slot's KV for the prompt's common prefix (llama-server's default) for sampled requests. Reused
+        # KV gives logits a little off a whole-prompt prefill (llama.cpp's kernels depend on the batch size), so a
+        # greedy or seeded request prefills whole: the same request then gets the same answer whatever the slot
+        # held before (streamed == not, the native engine's greedy answer), for ~5% of throughput at 1 and 16
+        # streams (bench.engines: 0.89x / 0.94x raw llama-server against 0.92x / 0.98x with reuse).
+        "cache_prompt": sampling.seed is None and sampling.temperature > 0,
         "temperature": max(sampling.temperature, 0.0),
         # 0 = off in both; greedy sends 1, the same argmax: with top-k off llama.cpp sorts the whole vocabulary for
         # every token (its softmax), 6.6 -> 0.8 ms per token for a ChatGLM3 q4_0 at one stream (bench.gguf_types)
