@@ -99,8 +99,6 @@ def parse_event(line: str) -> dict | None:
     return event
 
 
-
-
 # -- ids llama-server held back ---------------------------------------------------------------------------------
 
 

@@ -124,5 +124,3 @@ def step_logprobs(entry: dict[str, Any], k: int) -> StepLogprobs:
     top = sorted(((t["token_id"], t["logprob"]) for t in entry.get("top_logprobs") or []
                   if t.get("rank") is not None and t["rank"] <= k), key=lambda t: -t[1])
     return StepLogprobs(entry["logprob"], top[:k])
-
-
